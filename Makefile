@@ -1,0 +1,44 @@
+# The few verbs a person types. `make run` and `make test` work on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: install run test repro lint bench clean help
+
+help:
+	@echo "make run    - install if needed, run the pipeline end to end on synthetic data"
+	@echo "make test   - install if needed, run the test suite"
+	@echo "make repro  - run the DVC pipeline (dvc repro) after \`userlens fetch\`"
+	@echo "make lint   - ruff"
+	@echo "make bench  - data-pipeline benchmarks (see BENCHMARKS.md)"
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/userlens run
+
+test: install
+	$(BIN)/python -m pytest
+
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/userlens fetch
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+lint: install
+	$(BIN)/ruff check src tests flows benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/data_pipeline.py
+
+clean:
+	rm -rf data/canonical data/sequences reports/data_docs reports/data_summary.md

@@ -1,0 +1,140 @@
+"""params.yaml, validated at load time: a bad value is an error that names its key.
+
+One section per stage, in the DVC habit; `Params.section_hash` gives the hash that each
+artifact records so a reader can tell which settings produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from userlens.errors import ConfigError
+
+MOVIELENS_DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticParams(_Section):
+    seed: int = 0
+    n_users: int = Field(2000, gt=0)
+    n_items: int = Field(1500, gt=1)
+    n_categories: int = Field(12, ge=2, le=64)
+    mean_events_per_user: float = Field(60.0, ge=1)
+    popularity_exponent: float = Field(1.0, ge=0)  # Zipf exponent of item popularity
+    taste_concentration: float = Field(0.3, gt=0)  # Dirichlet alpha: smaller = more focused users
+    drift: float = Field(0.3, ge=0, le=1)  # how far a user's taste moves over their timeline
+    start: date = date(2020, 1, 1)
+    days: int = Field(730, gt=0)
+    chunk_users: int = Field(50_000, gt=0)  # users generated per chunk: bounds memory
+
+
+class DataParams(_Section):
+    source: Literal["synthetic", "movielens", "generic"] = "synthetic"
+    # Snapshot name: raw files live in data/raw/<dataset>/, versioned by data/raw/<dataset>.dvc.
+    # For MovieLens it names the release: ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest(-small).
+    dataset: str = Field("synthetic", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    data_dir: str | None = None  # MovieLens: folder with the official files ($USERLENS_DATA_DIR)
+    download: bool = True  # MovieLens: download from GroupLens when no local copy exists
+    interactions: str | None = None  # generic: CSV or Parquet interactions file
+    items: str | None = None  # generic: optional items file
+    users: str | None = None  # generic: optional users file
+    rating_scale: tuple[float, float] | None = None  # declared [min, max]; else source/inferred
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataParams:
+        if self.source == "movielens" and self.dataset not in MOVIELENS_DATASETS:
+            raise ValueError(
+                f"dataset {self.dataset!r} is not a MovieLens release; use one of {', '.join(MOVIELENS_DATASETS)}"
+            )
+        if self.source == "generic" and not self.interactions:
+            raise ValueError("source 'generic' needs data.interactions (path to a CSV or Parquet file)")
+        if self.rating_scale is not None and self.rating_scale[0] >= self.rating_scale[1]:
+            raise ValueError(f"rating_scale must be [min, max] with min < max, got {list(self.rating_scale)}")
+        return self
+
+    def movielens_dir(self) -> str | None:
+        return self.data_dir or os.environ.get("USERLENS_DATA_DIR")
+
+
+class ValidationParams(_Section):
+    min_events_per_user: int = Field(5, ge=1)
+    # What happens to users with fewer events: drop them from sequences, keep them, or fail.
+    short_users: Literal["drop", "keep", "fail"] = "drop"
+    min_timestamp: date = date(1995, 1, 1)  # earlier events are implausible
+    future_tolerance_seconds: int = Field(3600, ge=0)  # clock skew allowed past "now"
+
+
+class SequenceParams(_Section):
+    max_length: int = Field(200, ge=1)  # history keeps the most recent events
+    holdout: Literal["fraction", "last_n"] = "fraction"
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_last_n: int = Field(5, ge=1)
+
+
+class DvcParams(_Section):
+    remote: str | None = None  # None = the default remote of .dvc/config
+    push: bool = True
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    validation: ValidationParams = ValidationParams()
+    sequences: SequenceParams = SequenceParams()
+    dvc: DvcParams = DvcParams()
+
+    def section_hash(self, *sections: str) -> str:
+        """A short, stable hash of the named sections (all when none are named)."""
+        dumped = self.model_dump(mode="json")
+        chosen = {name: dumped[name] for name in (sections or dumped)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Params:
+        """Apply dotted-key overrides such as {"data.source": "movielens"}; validated again."""
+        tree = self.model_dump(mode="json")
+        for key, value in overrides.items():
+            node = tree
+            *parents, leaf = key.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown setting {key!r}: {part!r} is not a section")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"unknown setting {key!r}")
+            node[leaf] = value
+        return _validated(tree, "command-line overrides")
+
+
+def _validated(tree: Any, origin: str) -> Params:
+    try:
+        return Params.model_validate(tree or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg}{got}")
+        raise ConfigError(f"{origin}: invalid settings\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file (run userlens from the project folder or pass --params)")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return _validated(tree, str(path))

@@ -1,0 +1,56 @@
+"""Where everything lives inside a userlens project folder (the one holding params.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from userlens.config import Params, load_params
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    def load_params(self) -> Params:
+        return load_params(self.params_file)
+
+    def raw_dir(self, dataset: str) -> Path:
+        return self.root / "data" / "raw" / dataset
+
+    @property
+    def canonical_dir(self) -> Path:
+        return self.root / "data" / "canonical"
+
+    @property
+    def sequences_dir(self) -> Path:
+        return self.root / "data" / "sequences"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.reports_dir / "validation.json"
+
+    @property
+    def data_docs_dir(self) -> Path:
+        return self.reports_dir / "data_docs"
+
+    @property
+    def data_summary(self) -> Path:
+        return self.reports_dir / "data_summary.md"
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(self.root))
+        except ValueError:
+            return str(path)

@@ -1,0 +1,226 @@
+"""The pipeline stages: plain functions with explicit inputs and outputs (paths).
+
+`dvc.yaml` calls them through the CLI and the Prefect flow calls them as tasks; nothing is
+implemented twice. Every stage writes its folder atomically and records where its inputs
+came from (raw-data DVC hash, params hash, git revision) in a manifest.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import polars as pl
+
+from userlens.config import Params
+from userlens.errors import UserlensError, ValidationFailed
+from userlens.io import atomic_dir, file_sha256, git_revision, read_json, utc_now, write_json_atomic
+from userlens.project import Project
+from userlens.schema import TABLES, CanonicalTables
+from userlens.sequences import dense_index, split_sequences
+from userlens.sources import read_source, snapshot_source
+from userlens.versioning import add_and_push, dvc_hash
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def fetch_raw(project: Project, params: Params, progress: bool = True) -> dict:
+    """Put the configured source's raw files into data/raw/<dataset>/ (replacing the old snapshot)."""
+    target = project.raw_dir(params.data.dataset)
+    start = time.perf_counter()
+    with atomic_dir(target) as staging:
+        info = snapshot_source(params.data, staging, progress=progress)
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    log.info("raw snapshot of %s in %s", params.data.dataset, project.relative(target))
+    return info
+
+
+def version_raw(project: Project, params: Params) -> str:
+    """`dvc add` + `dvc push` the raw snapshot; returns its DVC hash."""
+    return add_and_push(
+        project.root, project.raw_dir(params.data.dataset), params.dvc.remote, params.dvc.push
+    )
+
+
+def ingest(project: Project, params: Params) -> dict:
+    """data/raw/<dataset>/ -> data/canonical/{interactions,items,users}.parquet + manifest.json."""
+    raw_dir = project.raw_dir(params.data.dataset)
+    if not raw_dir.is_dir():
+        raise UserlensError(f"no raw snapshot at {project.relative(raw_dir)}: run `userlens fetch` first")
+    raw_hash = dvc_hash(raw_dir)
+    start = time.perf_counter()
+    tables = read_source(params.data, raw_dir)
+    manifest = {
+        "stage": "ingest",
+        "dataset": params.data.dataset,
+        "source": params.data.source,
+        "raw_dvc_hash": raw_hash,
+        "params_hash": params.section_hash("data"),
+        "git_revision": git_revision(project.root),
+        "created_at": utc_now(),
+        "rows": {name: getattr(tables, name).height for name in TABLES},
+        "rating_scale": list(tables.rating_scale) if tables.rating_scale else None,
+        "rating_scale_origin": tables.rating_scale_origin,
+        "notes": tables.notes,
+    }
+    with atomic_dir(project.canonical_dir) as staging:
+        for name in TABLES:
+            getattr(tables, name).write_parquet(staging / f"{name}.parquet")
+        write_json_atomic(staging / MANIFEST, manifest)
+    manifest["seconds"] = round(time.perf_counter() - start, 3)
+    log.info("ingested %s", ", ".join(f"{v:,} {k}" for k, v in manifest["rows"].items()))
+    return manifest
+
+
+def load_canonical(project: Project) -> tuple[CanonicalTables, dict]:
+    folder = project.canonical_dir
+    if not (folder / MANIFEST).exists():
+        raise UserlensError(f"no canonical tables in {project.relative(folder)}: run `userlens ingest` first")
+    manifest = read_json(folder / MANIFEST)
+    frames = {name: pl.read_parquet(folder / f"{name}.parquet") for name in TABLES}
+    scale = tuple(manifest["rating_scale"]) if manifest["rating_scale"] else None
+    return CanonicalTables(**frames, rating_scale=scale, rating_scale_origin=manifest["rating_scale_origin"]), manifest
+
+
+def validate(project: Project, params: Params, now: int | None = None):
+    """Run the GX suites on data/canonical; write reports/validation.json and Data Docs.
+
+    Raises ValidationFailed (with the human summary) when any expectation fails, so nothing
+    downstream runs.
+    """
+    from userlens.validation import validate_tables
+
+    tables, manifest = load_canonical(project)
+    report = validate_tables(tables, params.validation, project.data_docs_dir, now=now)
+    record = {
+        **report.to_dict(),
+        "summary": report.summary(),
+        "canonical_manifest_sha256": file_sha256(project.canonical_dir / MANIFEST),
+        "raw_dvc_hash": manifest["raw_dvc_hash"],
+        "dataset": manifest["dataset"],
+        "params_hash": params.section_hash("validation"),
+        "created_at": utc_now(),
+    }
+    write_json_atomic(project.validation_report, record)
+    log.info("%s", report.summary())
+    if not report.success:
+        raise ValidationFailed(report.summary())
+    return report
+
+
+def build_sequences(project: Project, params: Params) -> dict:
+    """Validated canonical tables -> data/sequences/{sequences,users,items}.parquet + manifest.json.
+
+    Refuses tables that have not passed validation: reports/validation.json must say success
+    for exactly the canonical tables on disk.
+    """
+    tables, canonical = load_canonical(project)
+    _require_validated(project)
+    start = time.perf_counter()
+    min_events, rule = params.validation.min_events_per_user, params.validation.short_users
+    interactions = tables.interactions
+    counts = interactions.group_by("user_id").len("n_events")
+    short = counts.filter(pl.col("n_events") < min_events)
+    if rule == "drop" and short.height:
+        interactions = interactions.join(short.select("user_id"), on="user_id", how="anti", maintain_order="left")
+        log.info("dropped %d users with fewer than %d events (validation.short_users=drop)", short.height, min_events)
+
+    users = dense_index(interactions["user_id"], "user")
+    items = dense_index(tables.items["item_id"], "item")
+    events = interactions.join(users, on="user_id", maintain_order="left").join(
+        items, on="item_id", maintain_order="left"
+    ).select("user_index", "item_index", "timestamp", "rating")
+    sequences = split_sequences(events, params.sequences)
+
+    categories = sorted(set(tables.items["categories"].explode().drop_nulls().to_list()))
+    category_index = {name: i for i, name in enumerate(categories)}
+    items_out = items.join(tables.items, on="item_id", maintain_order="left").with_columns(
+        category_index=pl.col("categories").list.eval(
+            pl.element().replace_strict(category_index, return_dtype=pl.Int32)
+        )
+    )
+    users_out = (
+        users.join(tables.users, on="user_id", how="left", maintain_order="left")
+        .join(
+            sequences.select(
+                "user_index",
+                n_history=pl.col("history_item_index").list.len(),
+                n_future=pl.col("future_item_index").list.len(),
+            ),
+            on="user_index",
+            maintain_order="left",
+        )
+    )
+    manifest = {
+        "stage": "sequences",
+        "dataset": canonical["dataset"],
+        "raw_dvc_hash": canonical["raw_dvc_hash"],
+        "params_hash": params.section_hash("validation", "sequences"),
+        "git_revision": git_revision(project.root),
+        "created_at": utc_now(),
+        "n_users": users_out.height,
+        "n_items": items_out.height,
+        "n_history_events": int(users_out["n_history"].sum()),
+        "n_future_events": int(users_out["n_future"].sum()),
+        "short_users": {"count": short.height, "min_events": min_events, "rule": rule},
+        "categories": categories,
+        "rating_scale": canonical["rating_scale"],
+    }
+    with atomic_dir(project.sequences_dir) as staging:
+        sequences.write_parquet(staging / "sequences.parquet")
+        users_out.write_parquet(staging / "users.parquet")
+        items_out.write_parquet(staging / "items.parquet")
+        write_json_atomic(staging / MANIFEST, manifest)
+    manifest["seconds"] = round(time.perf_counter() - start, 3)
+    log.info("sequences for %d users (%d history, %d future events)", manifest["n_users"],
+             manifest["n_history_events"], manifest["n_future_events"])
+    return manifest
+
+
+def _require_validated(project: Project) -> None:
+    path = project.validation_report
+    if not path.exists():
+        raise UserlensError("the canonical tables have not been validated: run `userlens validate` first")
+    record = read_json(path)
+    if record.get("canonical_manifest_sha256") != file_sha256(project.canonical_dir / MANIFEST):
+        raise UserlensError(
+            "reports/validation.json is for other canonical tables than those in data/canonical: "
+            "run `userlens validate` first"
+        )
+    if not record.get("success"):
+        raise ValidationFailed(
+            "the canonical tables failed validation (reports/validation.json); fix the data and rerun"
+        )
+
+
+def summary_markdown(project: Project, params: Params, stages: dict) -> str:
+    """The data summary that `make run` prints and the Prefect flow publishes as an artifact."""
+    ingest_info = stages.get("ingest", {})
+    rows = ingest_info.get("rows", {})
+    validation = read_json(project.validation_report) if project.validation_report.exists() else None
+    seq = stages.get("sequences")
+    lines = [
+        f"# userlens data summary: {params.data.dataset} ({params.data.source})",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| raw DVC hash | `{stages.get('raw_dvc_hash', 'n/a')}` |",
+        f"| interactions | {rows.get('interactions', 0):,} |",
+        f"| users | {rows.get('users', 0):,} |",
+        f"| items | {rows.get('items', 0):,} |",
+        f"| rating scale | {ingest_info.get('rating_scale')} ({ingest_info.get('rating_scale_origin')}) |",
+    ]
+    if validation is not None:
+        docs = validation.get("data_docs_index")
+        lines.append(f"| validation | {'passed' if validation['success'] else 'FAILED'} |")
+        lines.append(f"| Data Docs | `{project.relative(Path(docs)) if docs else 'n/a'}` |")
+    if seq is not None:
+        lines += [
+            f"| sequence users | {seq['n_users']:,} (short users: {seq['short_users']['count']:,}, rule {seq['short_users']['rule']}) |",
+            f"| history / future events | {seq['n_history_events']:,} / {seq['n_future_events']:,} |",
+        ]
+    if validation is not None:
+        lines += ["", "```", validation["summary"], "```"]
+    return "\n".join(lines) + "\n"

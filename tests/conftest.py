@@ -1,0 +1,91 @@
+"""Shared fixtures: a temporary userlens project (real git + DVC), one Prefect server per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ML100K = REPO.parent / "shared" / "data" / "ml-100k"
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Small enough for seconds on 2 CPU cores, big enough to have structure.
+SMALL_SYNTHETIC = {"n_users": 200, "n_items": 300, "n_categories": 6, "mean_events_per_user": 30}
+
+
+def ml100k_dir() -> Path:
+    candidates = [Path(os.environ["USERLENS_DATA_DIR"])] if os.environ.get("USERLENS_DATA_DIR") else []
+    for path in [*candidates, SHARED_ML100K]:
+        for folder in (path, path / "ml-100k"):
+            if (folder / "u.data").exists():
+                return folder
+    pytest.skip(f"MovieLens-100K not found at {SHARED_ML100K} (private data, not in the repo); set USERLENS_DATA_DIR")
+
+
+@pytest.fixture
+def ml100k() -> Path:
+    return ml100k_dir()
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def userlens(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "userlens", "--project", str(project), *args], cwd=project, check=check)
+
+
+def make_project(root: Path, data: dict | None = None) -> Path:
+    """A fresh userlens project like a clone of the repo: params, dvc.yaml, flows, git + DVC."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    set_params(root, {"data": {"synthetic": SMALL_SYNTHETIC, **(data or {})}})
+    run(["git", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-q", "local", str(root / ".dvc-storage")], root)
+    # `dvc repro` runs `userlens ...`: make sure it finds this interpreter's console script.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return root
+
+
+def set_params(root: Path, updates: dict) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    _merge(params, updates)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _merge(base: dict, updates: dict) -> None:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server for the whole test session (it takes ~20 s to start)."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,88 @@
+"""The generic reader: your own CSV / TSV / Parquet files."""
+
+import polars as pl
+import pytest
+
+from userlens.errors import DataError
+from userlens.sources import generic
+
+
+def write(folder, name, text, mode="w"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_string_ids_iso_timestamps_missing_and_half_star_ratings(tmp_path):
+    write(tmp_path, "interactions.csv",
+          "user_id,item_id,timestamp,rating\n"
+          "007,B-1,2021-03-04T05:06:07Z,4.5\n"
+          "alice,B-2,2021-03-04 05:06:08,\n"
+          "007,B-2,1614834369,0.5\n")
+    write(tmp_path, "items.csv", "item_id,title,categories\nB-1,Book one,Fiction|Crime\nB-2,Book two,\n")
+    tables = generic.read(tmp_path)
+    inter = tables.interactions
+    assert inter.schema == {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64, "rating": pl.Float32}
+    assert inter["user_id"].to_list() == ["007", "alice", "007"]  # leading zeros kept
+    assert inter["timestamp"].to_list() == [1614834367, 1614834368, 1614834369]
+    assert inter["rating"].to_list() == [4.5, None, 0.5]
+    assert tables.rating_scale == (0.5, 4.5) and tables.rating_scale_origin == "inferred"
+    assert tables.items["categories"].to_list() == [["Fiction", "Crime"], []]
+    assert sorted(tables.users["user_id"].to_list()) == ["007", "alice"]
+
+
+def test_declared_scale_parquet_and_list_categories(tmp_path):
+    pl.DataFrame({"user_id": [1, 2], "item_id": [10, 11], "timestamp": [1600000000, 1600000001],
+                  "rating": [3, 8]}).write_parquet(tmp_path / "interactions.parquet")
+    pl.DataFrame({"item_id": ["10", "11"], "categories": [["a"], ["b", "c"]]}).write_parquet(tmp_path / "items.parquet")
+    pl.DataFrame({"user_id": ["1", "2"], "age": [30, 40]}).write_parquet(tmp_path / "users.parquet")
+    tables = generic.read(tmp_path, rating_scale=(0, 10))
+    assert tables.rating_scale == (0.0, 10.0) and tables.rating_scale_origin == "declared"
+    assert tables.interactions["user_id"].to_list() == ["1", "2"]
+    assert tables.items["categories"].to_list() == [["a"], ["b", "c"]]
+    assert tables.items["title"].null_count() == 2
+    assert tables.users.columns == ["user_id", "age"]
+
+
+def test_implicit_feedback_and_derived_tables(tmp_path):
+    write(tmp_path, "interactions.tsv", "user_id\titem_id\ttimestamp\nu\ti\t1600000000\nv\ti\t1600000001\n")
+    tables = generic.read(tmp_path)
+    assert tables.rating_scale is None
+    assert tables.interactions["rating"].null_count() == 2
+    assert tables.items["item_id"].to_list() == ["i"]
+    assert sorted(tables.users["user_id"].to_list()) == ["u", "v"]
+
+
+GOOD_HEADER = "user_id,item_id,timestamp,rating\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("empty", b"", "empty"),
+        ("header only", GOOD_HEADER, "no rows"),
+        ("wrong delimiter", "user_id;item_id;timestamp\nu;i;1\n", "separated by semicolons"),
+        ("missing column", "user_id,item_id\nu,i\n", "missing column(s) timestamp"),
+        ("non-numeric timestamp", GOOD_HEADER + "u,i,1600000000,3\nu,j,yesterday,4\n", "'yesterday' (line 3)"),
+        ("truncated last line", GOOD_HEADER + "u,i,1600000000,3\nu,j", "truncated"),
+        ("non-numeric rating", GOOD_HEADER + "u,i,1600000000,good\n", "'good' (line 2)"),
+        ("binary garbage", bytes(range(256)) * 8, "binary"),
+        ("wrong encoding", (GOOD_HEADER + "u,Amélie,1600000000,3\n").encode("latin-1"), "not valid UTF-8 at line 2"),
+    ],
+)
+def test_bad_files_get_a_clear_message(tmp_path, name, content, expected):
+    path = write(tmp_path, "interactions.csv", content)
+    with pytest.raises(DataError) as err:
+        generic.read(tmp_path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_interactions_file_lists_folder(tmp_path):
+    write(tmp_path, "ratings.csv", GOOD_HEADER)
+    with pytest.raises(DataError, match="no interactions file.*ratings.csv"):
+        generic.read(tmp_path)
