@@ -50,12 +50,13 @@ def userlens(project: Path, *args: str, check: bool = True) -> subprocess.Comple
 def make_project(root: Path, data: dict | None = None) -> Path:
     """A fresh userlens project like a clone of the repo: params, dvc.yaml, flows, git + DVC."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("flows", "src"):  # dvc.yaml tracks the stage code as dependencies
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(root, {"data": {"synthetic": SMALL_SYNTHETIC, **(data or {})}})
     run(["git", "init", "-q"], root)
-    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q", "-f"], root)
     run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-q", "local", str(root / ".dvc-storage")], root)
     # `dvc repro` runs `userlens ...`: make sure it finds this interpreter's console script.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"

@@ -30,7 +30,10 @@ def dvc(root: Path, *args: str) -> str:
     cmd = [sys.executable, "-m", "dvc", *args]
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
+        detail = [
+            line.strip() for line in (done.stderr + done.stdout).splitlines()
+            if line.strip() and "dvc.org/support" not in line
+        ]
         raise DvcError(f"`dvc {' '.join(args)}` failed in {root}: {' '.join(detail[-3:]) or 'no output'}")
     return done.stdout
 
@@ -48,10 +51,10 @@ def add_and_push(root: Path, target: Path, remote: str | None = None, push: bool
     require_dvc_repo(root)
     rel = os.path.relpath(target, root)
     log.info("dvc add %s", rel)
-    dvc(root, "add", "--quiet", rel)
+    dvc(root, "add", rel)
     if push:
         log.info("dvc push %s.dvc", rel)
-        dvc(root, "push", "--quiet", f"{rel}.dvc", *(["--remote", remote] if remote else []))
+        dvc(root, "push", f"{rel}.dvc", *(["--remote", remote] if remote else []))
     return dvc_hash(target)
 
 

@@ -36,4 +36,7 @@ def read_source(data: DataParams, raw_dir: Path) -> CanonicalTables:
         return movielens.read(data.dataset, raw_dir, rating_scale=data.rating_scale)
     from userlens.sources import generic  # synthetic snapshots are written in the generic format
 
-    return generic.read(raw_dir, rating_scale=data.rating_scale)
+    source_scale = None
+    if data.source == "synthetic":
+        from userlens.sources.synthetic import RATING_SCALE as source_scale
+    return generic.read(raw_dir, rating_scale=data.rating_scale, source_scale=source_scale)

@@ -51,7 +51,13 @@ def snapshot(data: DataParams, dest: Path) -> dict:
     return {"origin": f"files:{data.interactions}", "files": copied}
 
 
-def read(raw_dir: Path, rating_scale: tuple[float, float] | None = None) -> CanonicalTables:
+def read(
+    raw_dir: Path,
+    rating_scale: tuple[float, float] | None = None,
+    source_scale: tuple[float, float] | None = None,
+) -> CanonicalTables:
+    """Parse a snapshot folder. The rating scale is the declared one, else the one the source
+    defines (`source_scale`), else inferred from the data and reported."""
     interactions_path = _find(raw_dir, "interactions")
     if interactions_path is None:
         held = ", ".join(sorted(p.name for p in raw_dir.iterdir())) if raw_dir.is_dir() else "nothing"
@@ -63,7 +69,7 @@ def read(raw_dir: Path, rating_scale: tuple[float, float] | None = None) -> Cano
         _parse_timestamps(interactions, interactions_path),
         _parse_ratings(interactions, interactions_path),
     )
-    scale, origin = _rating_scale(interactions, rating_scale, interactions_path)
+    scale, origin = _rating_scale(interactions, rating_scale, source_scale, interactions_path)
 
     items_path = _find(raw_dir, "items")
     if items_path is None:
@@ -200,10 +206,15 @@ def _parse_ratings(frame: pl.DataFrame, path: Path) -> pl.Expr:
 
 
 def _rating_scale(
-    interactions: pl.DataFrame, declared: tuple[float, float] | None, path: Path
+    interactions: pl.DataFrame,
+    declared: tuple[float, float] | None,
+    source_scale: tuple[float, float] | None,
+    path: Path,
 ) -> tuple[tuple[float, float] | None, str | None]:
     if declared is not None:
         return (float(declared[0]), float(declared[1])), "declared"
+    if source_scale is not None:
+        return (float(source_scale[0]), float(source_scale[1])), "source"
     ratings = interactions["rating"].drop_nulls()
     if ratings.is_empty():
         return None, None
