@@ -1,0 +1,165 @@
+"""Data pipeline speed: ingest + validate + sequences against a bare polars floor.
+
+For each dataset, in one run: the userlens stages (each timed; the whole in a fresh process
+for its peak memory) and, in another fresh process, the floor a hand-written script would
+need at least: read the same raw interactions with polars, sort by user and time, group into
+per-user lists. The ratio stages/floor is the figure; both sides see the same machine load.
+
+    python benchmarks/data_pipeline.py                     # ML-100K (if present), synthetic 1M and 20M
+    python benchmarks/data_pipeline.py --datasets synthetic-1m
+
+Writes benchmarks/out/data_pipeline.json and prints the Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, emit, machine, run_worker  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = REPO.parent / "shared" / "data" / "ml-100k"
+# mean_events_per_user 100: 10k users -> ~1M, 200k users -> ~20M interactions
+DATASETS = {
+    "ml-100k": {"source": "movielens", "dataset": "ml-100k", "data_dir": str(ML100K)},
+    "synthetic-1m": {"source": "synthetic", "dataset": "synthetic-1m",
+                     "synthetic": {"n_users": 10_000, "n_items": 5_000, "mean_events_per_user": 100}},
+    "synthetic-20m": {"source": "synthetic", "dataset": "synthetic-20m",
+                      "synthetic": {"n_users": 200_000, "n_items": 50_000, "mean_events_per_user": 100}},
+}
+
+
+def make_project(root: Path, data: dict) -> Path:
+    import yaml
+
+    root.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    synthetic = data.pop("synthetic", {})
+    params["data"].update(data)
+    params["data"]["synthetic"].update(synthetic)
+    params["dvc"]["push"] = False  # pushing copies the data again: not part of what is measured
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def worker_fetch(project: Path) -> None:
+    from userlens import stages
+    from userlens.project import Project
+
+    proj = Project(project)
+    params = proj.load_params()
+    start = time.perf_counter()
+    stages.fetch_raw(proj, params, progress=False)
+    fetched = time.perf_counter()
+    stages.version_raw(proj, params)
+    emit({"fetch_s": fetched - start, "dvc_add_s": time.perf_counter() - fetched})
+
+
+def worker_stages(project: Path) -> None:
+    from userlens import stages
+    from userlens.project import Project
+
+    proj = Project(project)
+    params = proj.load_params()
+    import great_expectations  # noqa: F401  (import time is start-up, not validation work)
+
+    timings = {}
+    start = time.perf_counter()
+    for name, fn in (("ingest", stages.ingest), ("validate", stages.validate), ("sequences", stages.build_sequences)):
+        began = time.perf_counter()
+        result = fn(proj, params)
+        timings[f"{name}_s"] = time.perf_counter() - began
+        if name == "ingest":
+            timings["interactions"] = result["rows"]["interactions"]
+    emit({**timings, "stages_s": time.perf_counter() - start})
+
+
+def worker_floor(project: Path, source: str) -> None:
+    """Read + sort + group the raw interactions with polars, nothing else."""
+    import polars as pl
+
+    raw = project / "data" / "raw"
+    start = time.perf_counter()
+    if source == "movielens":
+        frame = pl.read_csv(next(raw.glob("*/u.data")), separator="\t", has_header=False,
+                            new_columns=["user_id", "item_id", "rating", "timestamp"])
+    else:
+        frame = pl.read_parquet(next(raw.glob("*/interactions.parquet")))
+    grouped = frame.sort(["user_id", "timestamp"], maintain_order=True).group_by("user_id", maintain_order=True).agg(
+        pl.col("item_id"), pl.col("timestamp"), pl.col("rating")
+    )
+    emit({"floor_s": time.perf_counter() - start, "floor_users": grouped.height})
+
+
+def measure(name: str, data: dict, workdir: Path) -> dict:
+    project = make_project(workdir / name, dict(data))
+    script = Path(__file__).resolve()
+    fetch = run_worker(script, "fetch", str(project))
+    pipeline = run_worker(script, "stages", str(project))
+    floor = run_worker(script, "floor", str(project), data["source"])
+    return {
+        "dataset": name,
+        **{k: pipeline[k] for k in ("interactions", "ingest_s", "validate_s", "sequences_s", "stages_s")},
+        "stages_peak_mib": pipeline["peak_rss_mib"],
+        "floor_s": floor["floor_s"],
+        "floor_peak_mib": floor["peak_rss_mib"],
+        "ratio": pipeline["stages_s"] / floor["floor_s"],
+        "fetch_s": fetch["fetch_s"],
+        "dvc_add_s": fetch["dvc_add_s"],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| dataset | interactions | ingest s | validate s | sequences s | total s | peak MiB | floor s | floor peak MiB | total / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['interactions']:,} | {r['ingest_s']:.2f} | {r['validate_s']:.2f} | "
+            f"{r['sequences_s']:.2f} | {r['stages_s']:.2f} | {r['stages_peak_mib']:,.0f} | {r['floor_s']:.2f} | "
+            f"{r['floor_peak_mib']:,.0f} | {r['ratio']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, project, *rest = args.worker
+        {"fetch": worker_fetch, "stages": worker_stages, "floor": worker_floor}[kind](Path(project), *rest)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="userlens-bench-") as tmp:
+        for name in args.datasets.split(","):
+            if name == "ml-100k" and not (ML100K / "u.data").exists():
+                print(f"skipping ml-100k: not found at {ML100K}", file=sys.stderr)
+                continue
+            print(f"measuring {name} ...", file=sys.stderr)
+            rows.append(measure(name, DATASETS[name], Path(tmp)))
+    OUT.mkdir(exist_ok=True)
+    result = {"machine": machine(), "rows": rows}
+    (OUT / "data_pipeline.json").write_text(json.dumps(result, indent=2))
+    print(f"Machine: {result['machine']}\n")
+    print(table(rows))
+    print("\nSetup, not in the totals (s): " + ", ".join(
+        f"{r['dataset']} fetch {r['fetch_s']:.1f} + dvc add {r['dvc_add_s']:.1f}" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
