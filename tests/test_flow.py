@@ -61,3 +61,20 @@ def test_flow_stops_at_failed_validation_and_keeps_sequences(prefect_server, pro
     assert "FAILED" in (project / "reports/data_summary.md").read_text()
     assert "FAILED" in flow_runs_by_state()
     assert pl.read_parquet(project / "data/sequences/sequences.parquet").height == 200
+
+
+def test_flow_retries_only_transient_failures(project):
+    from userlens.errors import DataError, DownloadError
+
+    retry = load_flow(Project(project)).fn.__globals__["_retry_if_retryable"]
+
+    class Failed:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    assert retry(None, None, Failed(DownloadError("connection reset"))) is True
+    assert retry(None, None, Failed(DataError("bad file"))) is False
+    assert retry(None, None, Failed(ConnectionError("dropped"))) is True

@@ -26,3 +26,9 @@ class ValidationFailed(UserlensError):
 
 class ConfigError(UserlensError):
     """A bad value in params.yaml or on the command line."""
+
+
+class DownloadError(DataError):
+    """A download failed on the network: trying again may help."""
+
+    retryable = True

@@ -43,7 +43,7 @@ from typing import BinaryIO
 import polars as pl
 from tqdm import tqdm
 
-from userlens.errors import DataError
+from userlens.errors import DataError, DownloadError
 from userlens.io import atomic_dir
 from userlens.schema import CanonicalTables
 
@@ -201,12 +201,12 @@ def _fetch(url: str, out: BinaryIO, dataset: str, timeout: float, progress: bool
                     size += len(block)
                     bar.update(len(block))
             if total is not None and size != total:
-                raise DataError(
+                raise DownloadError(
                     f"downloading {dataset} failed: {url} ended after {size} of {total} bytes. "
                     + _alternatives(dataset)
                 )
     except (OSError, HTTPException, ValueError) as exc:
-        raise DataError(
+        raise DownloadError(
             f"downloading {dataset} failed: could not fetch {url} ({exc}). {_alternatives(dataset)}"
         ) from None
     return digest.hexdigest()
@@ -219,7 +219,7 @@ def _published_md5(url: str, dataset: str, timeout: float) -> str:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read(4096).decode("ascii", "replace")
     except (OSError, HTTPException, ValueError) as exc:
-        raise DataError(
+        raise DownloadError(
             f"downloading {dataset} failed: could not fetch its checksum {md5_url} ({exc}). "
             + _alternatives(dataset)
         ) from None
