@@ -1,0 +1,526 @@
+"""Great Expectations suites for the canonical tables, and `validate_tables` that runs them.
+
+The suites live in code (built per run from `ValidationParams`, the rating scale and "now")
+and run on an ephemeral GX context; each run writes Data Docs and returns a
+`ValidationReport` that the caller turns into reports/validation.json and, when it failed,
+into `ValidationFailed`. Every check below is a GX expectation evaluated by GX:
+
+interactions
+  expect_column_to_exist                   user_id, item_id, timestamp, rating
+  expect_column_values_to_be_of_type       user_id, item_id: str; timestamp: int64
+  expect_column_values_to_be_in_type_list  rating: float32 or float64 (see _to_pandas)
+  expect_column_values_to_not_be_null      user_id, item_id, timestamp (a null rating is
+                                           implicit feedback)
+  expect_column_values_to_be_between       rating within tables.rating_scale (none when the
+                                           scale is None); timestamp not before
+                                           params.min_timestamp ("implausibly old"); timestamp
+                                           not after now + future_tolerance_seconds ("in the
+                                           future") - two expectations, two clear messages
+  expect_compound_columns_to_be_unique     all four columns: no exact duplicate events; rows
+                                           with a null rating count (ignore_row_if="never")
+  expect_column_values_to_be_null          item_id_missing_from_items, a derived column (the
+                                           item_id when items lacks it, else null; a polars
+                                           is_in), so the examples are the missing ids
+items
+  expect_column_to_exist                   item_id, title, categories
+  expect_column_values_to_be_of_type       item_id: str
+  expect_column_values_to_not_be_null      item_id
+  expect_column_values_to_be_unique        item_id
+users
+  the same for user_id
+interactions_per_user (a per-user counts frame; only when params.short_users == "fail")
+  expect_column_values_to_be_between       events >= params.min_events_per_user
+
+Short users (fewer than min_events_per_user interactions, among users that have any) are
+always counted for the report; under "drop" or "keep" they are a warning, not a failure.
+
+Each table is converted to pandas once (see _to_pandas for the dtypes, chosen so that GX
+takes its vectorised paths) and validated by its own Checkpoint (a GX pandas batch is
+passed at run time, and a Checkpoint passes the same dataframe to all its definitions).
+Data Docs are built once at the end: UpdateDataDocsAction would re-render the site for every
+table. Results use result_format SUMMARY with a few examples; every GX result becomes a
+`CheckResult` whose sentence comes from the _MESSAGES table.
+
+Known limit: a NaN rating (not null) reads as missing to GX, so it is not reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+from great_expectations.data_context.types.base import (
+    DataContextConfig,
+    InMemoryStoreBackendDefaults,
+    ProgressBarsConfig,
+)
+
+from userlens.config import ValidationParams
+from userlens.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, USERS_KEY_SCHEMA, CanonicalTables
+
+logger = logging.getLogger(__name__)
+
+MISSING_ITEM_COLUMN = "item_id_missing_from_items"
+PER_USER_TABLE = "interactions_per_user"
+INTERACTIONS_KEYS = ("user_id", "item_id", "timestamp")  # never null; rating may be
+MAX_EXAMPLES = 5
+DOCS_SITE = "userlens"
+RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
+
+# Polars canonical dtype -> the type name GX checks on the pandas frame we hand it.
+# Float32 is widened to float64 for speed (see _to_pandas), so a float column may read either.
+_GX_TYPE_NAMES = {pl.String: ["str"], pl.Int64: ["int64"], pl.Float32: ["float32", "float64"]}
+
+# Arrow type -> pandas dtype for the frames GX sees (others keep pyarrow's numpy default).
+_PANDAS_DTYPES = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
+
+# check name -> (sentence when it failed, sentence when it passed). Fields: n, total,
+# column, eg (", e.g. a, b" or ""), min_value, max_value, min_date, max_date, types, observed.
+_MESSAGES: dict[str, tuple[str, str]] = {
+    "column_exists": ("column {column} is missing", "column {column} is present"),
+    "column_type": ("{column} has type {observed}, expected {types}", "{column} has type {observed}"),
+    "not_null": ("{n} of {total} rows have a null {column}", "no null {column} in {total} rows"),
+    "rating_in_scale": (
+        "{n} of {total} rows outside the rating scale [{min_value}, {max_value}]{eg}",
+        "all ratings within the rating scale [{min_value}, {max_value}]",
+    ),
+    "timestamp_not_old": (
+        "{n} of {total} rows are implausibly old (before {min_date}){eg}",
+        "no timestamp before {min_date}",
+    ),
+    "timestamp_not_future": (
+        "{n} of {total} rows are in the future (after {max_date}){eg}",
+        "no timestamp after {max_date}",
+    ),
+    "no_duplicate_events": (
+        "{n} of {total} rows are exact duplicate events (same user_id, item_id, timestamp and rating){eg}",
+        "no exact duplicate events in {total} rows",
+    ),
+    "item_in_items": (
+        "{n} of {total} interactions reference an item missing from the items table{eg}",
+        "every interaction's item is in the items table",
+    ),
+    "unique": ("{n} of {total} rows share a duplicated {column}{eg}", "{column} is unique"),
+    "enough_events": (
+        "{n} of {total} users have fewer than {min_value} events (rule 'fail'){eg}",
+        "every user has at least {min_value} events",
+    ),
+}
+
+_SHORT_USER_RULES = {
+    "drop": "excluded from sequences",
+    "keep": "kept",
+    "fail": "short users fail validation",
+}
+
+
+@dataclass
+class CheckResult:
+    """One expectation's outcome, in words a person can act on."""
+
+    table: str
+    check: str  # our name for it, a key of _MESSAGES
+    expectation: str  # the GX expectation type
+    columns: list[str]
+    success: bool
+    unexpected_count: int | None
+    element_count: int | None
+    examples: list[Any]
+    message: str
+
+    @property
+    def where(self) -> str:
+        """`table.column`, or `table.(a, b)` for a check on several columns."""
+        cols = self.columns[0] if len(self.columns) == 1 else f"({', '.join(self.columns)})"
+        return f"{self.table}.{cols}"
+
+
+@dataclass
+class ValidationReport:
+    """What validate_tables found; `to_dict()` is what reports/validation.json holds."""
+
+    success: bool
+    checks: list[CheckResult]
+    short_users: dict[str, Any]
+    data_docs_index: Path | None
+    seconds: float
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.success]
+
+    def summary(self) -> str:
+        status = "PASSED" if self.success else "FAILED"
+        lines = [
+            f"Validation {status}: {len(self.checks) - len(self.failed)} of {len(self.checks)} checks "
+            f"passed in {self.seconds:.1f} s"
+        ]
+        lines += [f"  {c.where}: {c.message}" for c in self.failed]
+        short = self.short_users
+        rule = f"rule '{short['rule']}': {_SHORT_USER_RULES[short['rule']]}"
+        if short["count"]:
+            examples = ", ".join(str(u) for u in short["examples"])
+            lines.append(
+                f"Short users: {short['count']:,} of {short['users']:,} users have fewer than "
+                f"{short['min_events']} events (e.g. {examples}); {rule}"
+            )
+        else:
+            lines.append(f"Short users: none with fewer than {short['min_events']} events ({rule})")
+        lines.append(f"Data Docs: {self.data_docs_index}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "seconds": round(self.seconds, 3),
+            "data_docs_index": str(self.data_docs_index) if self.data_docs_index else None,
+            "short_users": self.short_users,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def validate_tables(
+    tables: CanonicalTables,
+    params: ValidationParams,
+    data_docs_dir: Path,
+    now: int | None = None,
+) -> ValidationReport:
+    """Run the suites on the canonical tables; data problems are reported, never raised."""
+    started = time.perf_counter()
+    now = int(time.time()) if now is None else int(now)
+    data_docs_dir = Path(data_docs_dir).resolve()
+
+    per_user = _events_per_user(tables.interactions)
+    short = per_user.filter(pl.col("events") < params.min_events_per_user)
+    short_users = {
+        "count": short.height,
+        "users": per_user.height,
+        "examples": short["user_id"].head(MAX_EXAMPLES).to_list(),
+        "min_events": params.min_events_per_user,
+        "rule": params.short_users,
+    }
+
+    frames = {
+        "interactions": _with_missing_items(tables.interactions, tables.items),
+        "items": tables.items,
+        "users": tables.users,
+    }
+    suites = {
+        "interactions": interactions_expectations(params, tables.rating_scale, now),
+        "items": items_expectations(),
+        "users": users_expectations(),
+    }
+    if params.short_users == "fail":
+        frames[PER_USER_TABLE] = per_user
+        suites[PER_USER_TABLE] = per_user_expectations(params)
+
+    context = _context(data_docs_dir)
+    source = context.data_sources.add_pandas("userlens")
+    checks: list[CheckResult] = []
+    for table, expectations in suites.items():
+        t0 = time.perf_counter()
+        frame = _to_pandas(frames[table])
+        logger.debug("%s: %s rows as pandas in %.2f s", table, f"{len(frame):,}", time.perf_counter() - t0)
+        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("whole")
+        suite = context.suites.add(gx.ExpectationSuite(name=table, expectations=expectations))
+        validation = gx.ValidationDefinition(name=table, data=batch, suite=suite)
+        definition = context.validation_definitions.add(validation)
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=table,
+                validation_definitions=[definition],
+                result_format=_result_format(table),
+            )
+        )
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        del frame
+        order = {e.id: i for i, e in enumerate(suite.expectations)}  # GX returns its own order
+        for suite_result in outcome.run_results.values():
+            results = sorted(suite_result.results, key=lambda r: order[r.expectation_config.id])
+            checks += [_check_result(table, r, frames[table]) for r in results]
+        logger.debug("%s: validated in %.2f s", table, time.perf_counter() - t0)
+
+    context.build_data_docs(site_names=[DOCS_SITE])
+    index = data_docs_dir / "index.html"
+    report = ValidationReport(
+        success=all(c.success for c in checks),
+        checks=checks,
+        short_users=short_users,
+        data_docs_index=index if index.exists() else None,
+        seconds=time.perf_counter() - started,
+    )
+    logger.info(
+        "validation %s: %d of %d checks failed, %s short users (rule %s), %.1f s",
+        "passed" if report.success else "FAILED",
+        len(report.failed),
+        len(checks),
+        f"{short.height:,}",
+        params.short_users,
+        report.seconds,
+    )
+    return report
+
+
+# --- the suites -----------------------------------------------------------------------
+
+
+def _expect(
+    check: str,
+    cls: type[gxe.Expectation],
+    label: list[str] | None = None,
+    examples_from: str | None = None,
+    **kwargs: Any,
+) -> gxe.Expectation:
+    """An expectation tagged with our check name; `label` names the columns in the report
+    when GX checks a derived one, `examples_from` takes examples from an index column."""
+    meta: dict[str, Any] = {"check": check}
+    if label:
+        meta["columns"] = label
+    if examples_from:
+        meta["examples_from"] = examples_from
+    return cls(meta=meta, **kwargs)
+
+
+def _columns_exist_with_types(columns: dict[str, Any], typed: tuple[str, ...]) -> list:
+    exps = [_expect("column_exists", gxe.ExpectColumnToExist, column=c) for c in columns]
+    for c in typed:
+        names = _GX_TYPE_NAMES[columns[c]]
+        if len(names) == 1:
+            exp = _expect("column_type", gxe.ExpectColumnValuesToBeOfType, column=c, type_=names[0])
+        else:
+            exp = _expect("column_type", gxe.ExpectColumnValuesToBeInTypeList, column=c, type_list=names)
+        exps.append(exp)
+    return exps
+
+
+def interactions_expectations(
+    params: ValidationParams, rating_scale: tuple[float, float] | None, now: int
+) -> list[gxe.Expectation]:
+    between = gxe.ExpectColumnValuesToBeBetween
+    exps = _columns_exist_with_types(INTERACTIONS_SCHEMA, tuple(INTERACTIONS_SCHEMA))
+    exps += [_expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column=c) for c in INTERACTIONS_KEYS]
+    if rating_scale is not None:
+        low, high = rating_scale
+        exps.append(_expect("rating_in_scale", between, column="rating", min_value=low, max_value=high))
+    oldest = epoch_seconds(params.min_timestamp)
+    latest = now + params.future_tolerance_seconds
+    exps += [
+        _expect("timestamp_not_old", between, column="timestamp", min_value=oldest),
+        _expect("timestamp_not_future", between, column="timestamp", max_value=latest),
+        # "never": a row with a null rating is still a row; pandas compares nulls as equal
+        _expect(
+            "no_duplicate_events",
+            gxe.ExpectCompoundColumnsToBeUnique,
+            column_list=list(INTERACTIONS_SCHEMA),
+            ignore_row_if="never",
+        ),
+        _expect("item_in_items", gxe.ExpectColumnValuesToBeNull, ["item_id"], column=MISSING_ITEM_COLUMN),
+    ]
+    return exps
+
+
+def items_expectations() -> list[gxe.Expectation]:
+    return [
+        *_columns_exist_with_types(ITEMS_SCHEMA, ("item_id",)),
+        _expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column="item_id"),
+        _expect("unique", gxe.ExpectColumnValuesToBeUnique, column="item_id"),
+    ]
+
+
+def users_expectations() -> list[gxe.Expectation]:
+    return [
+        *_columns_exist_with_types(USERS_KEY_SCHEMA, ("user_id",)),
+        _expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column="user_id"),
+        _expect("unique", gxe.ExpectColumnValuesToBeUnique, column="user_id"),
+    ]
+
+
+def per_user_expectations(params: ValidationParams) -> list[gxe.Expectation]:
+    return [
+        _expect(
+            "enough_events",
+            gxe.ExpectColumnValuesToBeBetween,
+            label=["user_id"],
+            examples_from="user_id",
+            column="events",
+            min_value=params.min_events_per_user,
+        )
+    ]
+
+
+def _result_format(table: str) -> dict[str, Any]:
+    if table == PER_USER_TABLE:  # examples are the users, not their counts
+        return {**RESULT_FORMAT, "unexpected_index_column_names": ["user_id"]}
+    return RESULT_FORMAT
+
+
+# --- frames ---------------------------------------------------------------------------
+
+
+def _events_per_user(interactions: pl.DataFrame) -> pl.DataFrame:
+    if "user_id" not in interactions.columns:
+        return pl.DataFrame(schema={"user_id": pl.String, "events": pl.Int64})
+    return (
+        interactions.lazy()
+        .filter(pl.col("user_id").is_not_null())
+        .group_by("user_id")
+        .agg(pl.len().cast(pl.Int64).alias("events"))
+        .sort("events", "user_id")
+        .collect()
+    )
+
+
+def _with_missing_items(interactions: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """The canonical columns plus `item_id_missing_from_items` (null where the item is known)."""
+    present = [c for c in INTERACTIONS_SCHEMA if c in interactions.columns]
+    if "item_id" not in present:
+        return interactions.select(present)  # the missing-column check reports it
+    known = items["item_id"] if "item_id" in items.columns else pl.Series([], dtype=pl.String)
+    known = known.cast(interactions.schema["item_id"]).drop_nulls().unique()
+    missing = pl.when(pl.col("item_id").is_in(known.implode())).then(None).otherwise(pl.col("item_id"))
+    return interactions.select(*present, missing.alias(MISSING_ITEM_COLUMN))
+
+
+def _to_pandas(frame: pl.DataFrame) -> pd.DataFrame:
+    """The frame GX sees. Strings become pyarrow-backed (compact, fast to hash and compare);
+    Float32 is widened to float64 and an Int64 without nulls stays numpy int64, because GX's
+    between-check is vectorised only for numpy int/float columns (else it loops in Python).
+    An Int64 column with nulls becomes pandas Int64 so its type still reads int64."""
+    wide = [pl.col(c).cast(pl.Float64) for c, t in frame.schema.items() if t == pl.Float32]
+    nullable_ints = any(t == pl.Int64 and frame[c].null_count() for c, t in frame.schema.items())
+    dtypes = {**_PANDAS_DTYPES, **({pa.int64(): pd.Int64Dtype()} if nullable_ints else {})}
+    return frame.with_columns(wide).to_arrow().to_pandas(types_mapper=dtypes.get, split_blocks=True)
+
+
+def _context(data_docs_dir: Path) -> Any:
+    """An in-memory GX context: no analytics, no progress bars, one Data Docs site on disk."""
+    site = {
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(data_docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        data_docs_sites={DOCS_SITE: site},
+    )
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+# --- results --------------------------------------------------------------------------
+
+
+def _check_result(table: str, result: Any, frame: pl.DataFrame) -> CheckResult:
+    config = result.expectation_config
+    kwargs, meta, res = config.kwargs, config.meta or {}, result.result or {}
+    check = meta.get("check", config.type)
+    columns = list(meta.get("columns") or kwargs.get("column_list") or [kwargs.get("column")])
+    unexpected = None if res.get("unexpected_count") is None else int(res["unexpected_count"])
+    total = int(res.get("element_count", frame.height))
+    examples = _examples(res, meta.get("examples_from"))
+    fields = {
+        "n": f"{unexpected or 0:,}",
+        "total": f"{total:,}",
+        "column": ", ".join(columns),
+        "eg": ", e.g. " + ", ".join(_show(check, e) for e in examples) if examples else "",
+        "observed": res.get("observed_value"),
+        **{k: _number(kwargs.get(k)) for k in ("min_value", "max_value")},
+        "types": " or ".join(kwargs.get("type_list") or [str(kwargs.get("type_"))]),
+        "min_date": _iso(kwargs.get("min_value")),
+        "max_date": _iso(kwargs.get("max_value")),
+    }
+    error = _exception_message(result)
+    absent = [c for c in columns if c not in frame.columns]
+    if error and check != "column_exists":
+        message = f"could not be checked: {f'column {absent[0]} is missing' if absent else error}"
+    else:
+        failed, passed = _MESSAGES.get(check, ("failed", "passed"))
+        message = (passed if result.success else failed).format(**fields)
+    return CheckResult(
+        table=table,
+        check=check,
+        expectation=config.type,
+        columns=columns,
+        success=bool(result.success),
+        unexpected_count=unexpected,
+        element_count=total,
+        examples=examples,
+        message=message,
+    )
+
+
+def _examples(res: dict[str, Any], key: str | None) -> list[Any]:
+    """Up to MAX_EXAMPLES distinct unexpected values; with `key`, that index column's values."""
+    if key:
+        raw = [row.get(key) for row in res.get("partial_unexpected_index_list") or []]
+    else:
+        raw = res.get("partial_unexpected_list") or []
+    seen, examples = set(), []
+    for value in map(_jsonable, raw):
+        if value is not None and repr(value) not in seen:  # a null is no example
+            seen.add(repr(value))
+            examples.append(value)
+        if len(examples) == MAX_EXAMPLES:
+            break
+    return examples
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item())
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
+    return value if isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _show(check: str, value: Any) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join("null" if v is None else str(v) for v in value.values()) + ")"
+    if check.startswith("timestamp") and isinstance(value, (int, float)):
+        return f"{value} ({_iso(value)})"
+    return "null" if value is None else str(value)
+
+
+def _number(value: Any) -> Any:
+    """1.0 -> 1 for messages (GX stores bounds as floats); other values unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _iso(value: Any) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+
+
+def _exception_message(result: Any) -> str | None:
+    info = result.exception_info or {}
+    infos = [info] if "raised_exception" in info else list(info.values())
+    for item in infos:
+        if isinstance(item, dict) and item.get("raised_exception"):
+            return str(item.get("exception_message") or "error").splitlines()[0]
+    return None
+
+
+def epoch_seconds(day: date) -> int:
+    """Midnight UTC of `day`, in epoch seconds."""
+    return int(datetime.combine(day, datetime.min.time(), UTC).timestamp())
