@@ -48,6 +48,12 @@ def test_declared_scale_parquet_and_list_categories(tmp_path):
     assert tables.users.columns == ["user_id", "age"]
 
 
+def test_nan_rating_is_a_missing_rating(tmp_path):
+    pl.DataFrame({"user_id": ["u", "u"], "item_id": ["i", "j"], "timestamp": [1600000000, 1600000001],
+                  "rating": [float("nan"), 4.0]}).write_parquet(tmp_path / "interactions.parquet")
+    assert generic.read(tmp_path).interactions["rating"].to_list() == [None, 4.0]
+
+
 def test_implicit_feedback_and_derived_tables(tmp_path):
     write(tmp_path, "interactions.tsv", "user_id\titem_id\ttimestamp\nu\ti\t1600000000\nv\ti\t1600000001\n")
     tables = generic.read(tmp_path)

@@ -176,3 +176,33 @@ def test_sequences_match_canonical_events(generic_project):
     assert total == canonical.height  # max_length 200 keeps everything here
     assert users["user_index"].to_list() == list(range(users.height))
     assert (users["n_future"] >= 1).all()
+
+
+@pytest.mark.parametrize("rule, expected_users", [("drop", 12), ("keep", 14)])
+def test_short_user_rule_is_applied_and_reported(tmp_path, rule, expected_users):
+    interactions = tmp_path / "interactions.csv"
+    # 12 users with 6 events, plus two short users with 1 and 2 events
+    interactions.write_text(HEADER + good_rows() + "s1,i1,1600000000,3\ns2,i1,1600000000,3\ns2,i2,1600000001,4\n")
+    project = make_project(tmp_path / "project", data={
+        "source": "generic", "dataset": "shop", "interactions": str(interactions)})
+    set_params(project, {"dvc": {"push": False}, "validation": {"short_users": rule, "min_events_per_user": 3}})
+    result = run_stages(project)
+    assert result.exit_code == 0, result.output
+    users = pl.read_parquet(project / "data/sequences/users.parquet")
+    assert users.height == expected_users
+    assert ("s1" in users["user_id"].to_list()) == (rule == "keep")
+    manifest = json.loads((project / "data/sequences/manifest.json").read_text())
+    assert manifest["short_users"] == {"count": 2, "min_events": 3, "rule": rule}
+    report = json.loads((project / "reports/validation.json").read_text())
+    assert report["short_users"]["count"] == 2 and sorted(report["short_users"]["examples"]) == ["s1", "s2"]
+    assert users["user_index"].to_list() == list(range(expected_users))
+
+
+def test_short_user_rule_fail_stops_validation(tmp_path):
+    interactions = tmp_path / "interactions.csv"
+    interactions.write_text(HEADER + good_rows() + "s1,i1,1600000000,3\n")
+    project = make_project(tmp_path / "project", data={
+        "source": "generic", "dataset": "shop", "interactions": str(interactions)})
+    set_params(project, {"dvc": {"push": False}, "validation": {"short_users": "fail", "min_events_per_user": 3}})
+    result = run_stages(project)
+    assert result.exit_code == 3 and "fewer than 3 events" in result.output and "s1" in result.output

@@ -1,7 +1,7 @@
 import polars as pl
 
 from userlens.config import SequenceParams
-from userlens.sequences import dense_index, split_sequences
+from userlens.sequences import dense_codes, split_sequences
 
 
 def events(rows):
@@ -38,8 +38,12 @@ def test_every_user_keeps_history_and_single_event_users_have_empty_future():
     assert out["future_item_index"].to_list() == [[], [3]]
 
 
-def test_dense_index_is_sorted_and_dense():
-    mapping = dense_index(pl.Series(["b", "a", "c", "a"]), "user")
-    assert mapping.columns == ["user_index", "user_id"]
-    assert mapping["user_id"].to_list() == ["a", "b", "c"]
-    assert mapping["user_index"].to_list() == [0, 1, 2]
+def test_dense_codes_are_positions_in_the_vocabulary():
+    codes = dense_codes(pl.Series(["b", "a", "c", "a"]), pl.Series(["a", "b", "c"]))
+    assert codes.dtype == pl.Int32 and codes.to_list() == [1, 0, 2, 0]
+
+
+def test_nulls_in_ratings_survive_the_split():
+    rows = [(0, 1, 1, None), (0, 2, 2, 4.0), (0, 3, 3, None)]
+    out = split_sequences(events(rows), SequenceParams(holdout="last_n", holdout_last_n=1)).row(0, named=True)
+    assert out["history_rating"] == [None, 4.0] and out["future_rating"] == [None]

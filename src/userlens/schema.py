@@ -42,10 +42,13 @@ class CanonicalTables:
     notes: list[str] = field(default_factory=list)
 
     def conform(self) -> CanonicalTables:
-        """Cast to the canonical dtypes and column order; extra user attributes are kept."""
+        """Cast to the canonical dtypes and column order; extra user attributes are kept.
+
+        A NaN rating means "no rating" in most exports: it becomes null (implicit feedback).
+        """
         interactions = self.interactions.select(
             [pl.col(name).cast(dtype) for name, dtype in INTERACTIONS_SCHEMA.items()]
-        )
+        ).with_columns(pl.col("rating").fill_nan(None))
         items = self.items.select([pl.col(name).cast(dtype) for name, dtype in ITEMS_SCHEMA.items()])
         extra = [c for c in self.users.columns if c != "user_id"]
         users = self.users.select([pl.col("user_id").cast(pl.String), *extra])

@@ -1,50 +1,55 @@
 """Per-user chronological sequences, split into history and a held-out future window.
 
-Vectorised in polars (no Python loop over users). Ties in time keep the source file's row
-order (a stable sort), so the same input always gives the same sequences.
+Vectorised (no Python loop over users): one stable sort puts each user's events together in
+time order, so per-user positions and list columns come from offsets with numpy and Arrow.
+Ties in time keep the source file's row order, so the same input gives the same sequences.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from userlens.config import SequenceParams
 
+FIELDS = ("item_index", "timestamp", "rating")
 
-def dense_index(keys: pl.Series, name: str) -> pl.DataFrame:
-    """Map ids to dense indices 0..n-1 in sorted id order: columns (<name>_index, <name>_id)."""
-    unique = keys.unique().sort()
-    return pl.DataFrame({f"{name}_index": pl.int_range(len(unique), dtype=pl.Int32, eager=True), f"{name}_id": unique})
+
+def dense_codes(ids: pl.Series, vocabulary: pl.Series) -> pl.Series:
+    """Each id's position in `vocabulary` (unique strings), via an Enum cast: no join needed."""
+    return ids.cast(pl.Enum(vocabulary)).to_physical().cast(pl.Int32)
 
 
 def split_sequences(events: pl.DataFrame, params: SequenceParams) -> pl.DataFrame:
-    """events (user_index, item_index, timestamp, rating) -> one row per user with list columns.
+    """events (user_index 0..U-1, item_index, timestamp, rating) -> one row per user with list
+    columns history_<field> and future_<field>.
 
-    The future window is the last `holdout_fraction` of a user's events (at least one, never
-    all of them) or the last `holdout_last_n`; the history keeps its `max_length` most recent
-    events before that window.
+    The future window is the last `holdout_fraction` of a user's events (rounded, at least one,
+    never all of them) or the last `holdout_last_n`; the history keeps the `max_length` most
+    recent events before that window. A user with a single event has an empty future.
     """
-    n = pl.len().over("user_index")
+    ordered = events.sort(["user_index", "timestamp"], maintain_order=True)
+    user = ordered["user_index"].to_numpy()
+    counts = np.bincount(user) if user.size else np.zeros(0, np.int64)
     if params.holdout == "fraction":
-        n_future = (n.cast(pl.Float64) * params.holdout_fraction).round(0).cast(pl.Int64).clip(1)
+        n_future = np.maximum(np.floor(counts * params.holdout_fraction + 0.5), 1).astype(np.int64)
     else:
-        n_future = pl.lit(params.holdout_last_n, pl.Int64)
-    n_future = pl.min_horizontal(n_future, n.cast(pl.Int64) - 1)  # a user keeps >= 1 history event
-    position = pl.int_range(pl.len()).over("user_index")
-    cut = n.cast(pl.Int64) - n_future
-    ordered = events.sort(["user_index", "timestamp"], maintain_order=True).with_columns(
-        future=position >= cut,
-        keep=position >= cut - params.max_length,
-    )
-    fields = ("item_index", "timestamp", "rating")
-    history = ordered.filter(pl.col("keep") & ~pl.col("future")).group_by("user_index", maintain_order=True).agg(
-        [pl.col(f).alias(f"history_{f}") for f in fields]
-    )
-    future = ordered.filter(pl.col("future")).group_by("user_index", maintain_order=True).agg(
-        [pl.col(f).alias(f"future_{f}") for f in fields]
-    )
-    out = history.join(future, on="user_index", how="left", maintain_order="left")
-    # Users with a single event have no future window: empty lists, not nulls.
-    return out.with_columns(
-        [pl.col(f"future_{f}").fill_null(pl.lit([], dtype=out.schema[f"future_{f}"])) for f in fields]
-    ).sort("user_index")
+        n_future = np.full(counts.size, params.holdout_last_n, np.int64)
+    n_future = np.minimum(n_future, counts - 1)  # every user keeps at least one history event
+    cut = counts - n_future  # position of the first future event
+    position = np.arange(user.size) - (np.cumsum(counts) - counts)[user]
+    future = position >= cut[user]
+    history = ~future & (position >= (cut - params.max_length)[user])
+
+    columns: dict[str, pa.Array] = {"user_index": pa.array(np.arange(counts.size, dtype=np.int32))}
+    for window, mask, lengths in (
+        ("history", history, np.minimum(cut, params.max_length)),
+        ("future", future, n_future),
+    ):
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        selected = ordered.filter(pl.Series(mask))
+        for field in FIELDS:
+            values = selected[field].to_arrow()
+            columns[f"{window}_{field}"] = pa.LargeListArray.from_arrays(offsets, values)
+    return pl.from_arrow(pa.table(columns))

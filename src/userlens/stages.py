@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from userlens.config import Params
@@ -18,7 +19,7 @@ from userlens.errors import UserlensError, ValidationFailed
 from userlens.io import atomic_dir, file_sha256, git_revision, read_json, utc_now, write_json_atomic
 from userlens.project import Project
 from userlens.schema import TABLES, CanonicalTables
-from userlens.sequences import dense_index, split_sequences
+from userlens.sequences import dense_codes, split_sequences
 from userlens.sources import read_source, snapshot_source
 from userlens.versioning import add_and_push, dvc_hash
 
@@ -121,17 +122,25 @@ def build_sequences(project: Project, params: Params) -> dict:
     start = time.perf_counter()
     min_events, rule = params.validation.min_events_per_user, params.validation.short_users
     interactions = tables.interactions
-    counts = interactions.group_by("user_id").len("n_events")
-    short = counts.filter(pl.col("n_events") < min_events)
-    if rule == "drop" and short.height:
-        interactions = interactions.join(short.select("user_id"), on="user_id", how="anti", maintain_order="left")
-        log.info("dropped %d users with fewer than %d events (validation.short_users=drop)", short.height, min_events)
-
-    users = dense_index(interactions["user_id"], "user")
-    items = dense_index(tables.items["item_id"], "item")
-    events = interactions.join(users, on="user_id", maintain_order="left").join(
-        items, on="item_id", maintain_order="left"
-    ).select("user_index", "item_index", "timestamp", "rating")
+    # Dense indices in sorted id order; the maps are saved as users.parquet / items.parquet.
+    user_ids = interactions["user_id"].unique().sort()
+    user_index = dense_codes(interactions["user_id"], user_ids).to_numpy()
+    short = np.bincount(user_index, minlength=len(user_ids)) < min_events
+    if rule == "drop" and short.any():
+        kept_rows = ~short[user_index]
+        user_index = (np.cumsum(~short) - 1)[user_index[kept_rows]].astype(np.int32)
+        interactions = interactions.filter(pl.Series(kept_rows))
+        user_ids = user_ids.filter(pl.Series(~short))
+        log.info("dropped %d users with fewer than %d events (validation.short_users=drop)", short.sum(), min_events)
+    item_ids = tables.items["item_id"].sort()
+    events = pl.DataFrame({
+        "user_index": user_index,
+        "item_index": dense_codes(interactions["item_id"], item_ids),
+        "timestamp": interactions["timestamp"],
+        "rating": interactions["rating"],
+    })
+    users = pl.DataFrame({"user_index": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True), "user_id": user_ids})
+    items = pl.DataFrame({"item_index": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True), "item_id": item_ids})
     sequences = split_sequences(events, params.sequences)
 
     categories = sorted(set(tables.items["categories"].explode().drop_nulls().to_list()))
@@ -164,7 +173,7 @@ def build_sequences(project: Project, params: Params) -> dict:
         "n_items": items_out.height,
         "n_history_events": int(users_out["n_history"].sum()),
         "n_future_events": int(users_out["n_future"].sum()),
-        "short_users": {"count": short.height, "min_events": min_events, "rule": rule},
+        "short_users": {"count": int(short.sum()), "min_events": min_events, "rule": rule},
         "categories": categories,
         "rating_scale": canonical["rating_scale"],
     }

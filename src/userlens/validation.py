@@ -41,7 +41,7 @@ Data Docs are built once at the end: UpdateDataDocsAction would re-render the si
 table. Results use result_format SUMMARY with a few examples; every GX result becomes a
 `CheckResult` whose sentence comes from the _MESSAGES table.
 
-Known limit: a NaN rating (not null) reads as missing to GX, so it is not reported.
+A NaN rating never reaches GX: CanonicalTables.conform turns it into null (no rating).
 """
 
 from __future__ import annotations

@@ -197,6 +197,8 @@ def _parse_timestamps(frame: pl.DataFrame, path: Path) -> pl.Expr:
 def _parse_ratings(frame: pl.DataFrame, path: Path) -> pl.Expr:
     if "rating" not in frame.columns:
         return pl.lit(None, pl.Float32).alias("rating")
+    if frame.schema["rating"].is_numeric():
+        return pl.col("rating").cast(pl.Float32)
     text = frame["rating"].cast(pl.String).str.strip_chars().replace("", None)
     numbers = text.cast(pl.Float32, strict=False)
     bad = text.is_not_null() & numbers.is_null()
