@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import polars as pl
 import pytest
@@ -78,3 +79,17 @@ def test_flow_retries_only_transient_failures(project):
     assert retry(None, None, Failed(DownloadError("connection reset"))) is True
     assert retry(None, None, Failed(DataError("bad file"))) is False
     assert retry(None, None, Failed(ConnectionError("dropped"))) is True
+
+
+def test_userlens_run_reports_expected_failures_without_traceback(prefect_server, project):
+    from prefect.settings import PREFECT_API_URL
+
+    from conftest import run
+
+    set_params(project, {"data": {"rating_scale": [1, 3]}})
+    done = run([sys.executable, "-m", "userlens", "--project", str(project), "run", "--no-progress"], project,
+               check=False, env={"PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "rows outside the rating scale [1, 3]" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (project / "data/sequences").exists()

@@ -207,6 +207,8 @@ def run(obj: Context, no_progress, as_json):
       userlens --source movielens --data-dir ../shared/data/ml-100k run
     """
     flow = load_flow(obj.project)
+    if not obj.debug:
+        _hide_expected_tracebacks()
     summary = flow(project_dir=str(obj.project.root), overrides=obj.overrides, progress=not no_progress)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -215,6 +217,20 @@ def run(obj: Context, no_progress, as_json):
         click.echo(f"Results: {obj.project.relative(obj.project.sequences_dir)}/ (sequences), "
                    f"{obj.project.relative(obj.project.data_summary)} (summary), "
                    f"{obj.project.relative(obj.project.data_docs_dir)}/index.html (Data Docs)")
+
+
+class _ExpectedErrorFilter(logging.Filter):
+    """Prefect logs every failed run with its traceback; for a UserlensError the message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserlensError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _hide_expected_tracebacks() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_ExpectedErrorFilter())
 
 
 def load_flow(project: Project):
