@@ -90,3 +90,28 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def build_sequences_project(root: Path, synthetic: dict | None = None, data: dict | None = None) -> Path:
+    """A project taken through fetch -> ingest -> validate -> sequences with the real stages."""
+    from userlens import stages
+    from userlens.project import Project
+
+    project = make_project(root, data=data)
+    set_params(project, {"dvc": {"push": False}, "data": {"synthetic": {**SMALL_SYNTHETIC, **(synthetic or {})}}})
+    proj = Project(project)
+    params = proj.load_params()
+    stages.fetch_raw(proj, params, progress=False)
+    stages.version_raw(proj, params)
+    stages.ingest(proj, params)
+    stages.validate(proj, params)
+    stages.build_sequences(proj, params)
+    return project
+
+
+@pytest.fixture(scope="session")
+def small_sequences(tmp_path_factory) -> Path:
+    """data/sequences/ of a 400-user synthetic project (8 categories, ~40 events per user)."""
+    root = tmp_path_factory.mktemp("small-sequences") / "project"
+    synthetic = {"n_users": 400, "n_items": 300, "n_categories": 8, "mean_events_per_user": 40}
+    return build_sequences_project(root, synthetic) / "data" / "sequences"

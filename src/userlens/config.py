@@ -83,6 +83,67 @@ class SequenceParams(_Section):
     holdout_last_n: int = Field(5, ge=1)
 
 
+class ModelParams(_Section):
+    """The user encoder shared by Barlow Twins and the dual encoder's user tower."""
+
+    d_model: int = Field(64, ge=8)  # width of the Transformer; the user embedding has this size
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    pooling: Literal["mean", "cls", "last"] = "mean"
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelParams:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class AugmentParams(_Section):
+    """Barlow Twins views: each augmentation applies with its probability, at its rate."""
+
+    item_mask_rate: float = Field(0.2, ge=0, lt=1)  # share of events replaced by the mask token
+    segment_mask_prob: float = Field(0.5, ge=0, le=1)  # chance of masking one contiguous segment
+    segment_mask_fraction: float = Field(0.2, ge=0, lt=1)  # its length as a share of the sequence
+    crop_prob: float = Field(0.5, ge=0, le=1)  # chance of keeping a random contiguous crop
+    crop_min_fraction: float = Field(0.6, gt=0, le=1)  # shortest crop as a share of the sequence
+    reorder_prob: float = Field(0.5, ge=0, le=1)  # chance of shuffling one short sub-span
+    reorder_span: int = Field(4, ge=2)  # length of that sub-span
+
+
+class PretrainParams(_Section):
+    """Optimisation of the self-supervised encoder; the dual encoder gets the same budget."""
+
+    epochs: int = Field(20, ge=0)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    lambd: float = Field(0.005, ge=0)  # Barlow Twins off-diagonal weight
+    projector: tuple[int, ...] = (256, 256)  # hidden and output widths of the projector MLP
+    temperature: float = Field(0.1, gt=0)  # dual encoder: softmax temperature
+    logq_correction: bool = True  # dual encoder: subtract log item frequency from logits
+    patience: int = Field(5, ge=1)  # early stopping: epochs without a better validation probe
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class BaselineParams(_Section):
+    als_factors: int = Field(64, ge=2)
+    als_iterations: int = Field(15, ge=1)
+    als_regularization: float = Field(0.01, ge=0)
+
+
+class EvaluateParams(_Section):
+    label_fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 1.0)
+    seeds: int = Field(5, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # users held out for testing probes
+    probes: tuple[Literal["logreg", "mlp"], ...] = ("logreg", "mlp")
+    finetune: bool = False  # also fine-tune encoder + head (slower), reported beside the probe
+    top_k: int = Field(10, ge=1)  # next item: HR@k and NDCG@k
+
+
 class DvcParams(_Section):
     remote: str | None = None  # None = the default remote of .dvc/config
     push: bool = True
@@ -92,6 +153,11 @@ class Params(_Section):
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
     sequences: SequenceParams = SequenceParams()
+    model: ModelParams = ModelParams()
+    augment: AugmentParams = AugmentParams()
+    pretrain: PretrainParams = PretrainParams()
+    baselines: BaselineParams = BaselineParams()
+    evaluate: EvaluateParams = EvaluateParams()
     dvc: DvcParams = DvcParams()
 
     def section_hash(self, *sections: str) -> str:
