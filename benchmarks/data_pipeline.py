@@ -30,10 +30,16 @@ ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 # mean_events_per_user 100: 10k users -> ~1M, 200k users -> ~20M interactions
 DATASETS = {
     "ml-100k": {"source": "movielens", "dataset": "ml-100k", "data_dir": str(ML100K)},
-    "synthetic-1m": {"source": "synthetic", "dataset": "synthetic-1m",
-                     "synthetic": {"n_users": 10_000, "n_items": 5_000, "mean_events_per_user": 100}},
-    "synthetic-20m": {"source": "synthetic", "dataset": "synthetic-20m",
-                      "synthetic": {"n_users": 200_000, "n_items": 50_000, "mean_events_per_user": 100}},
+    "synthetic-1m": {
+        "source": "synthetic",
+        "dataset": "synthetic-1m",
+        "synthetic": {"n_users": 10_000, "n_items": 5_000, "mean_events_per_user": 100},
+    },
+    "synthetic-20m": {
+        "source": "synthetic",
+        "dataset": "synthetic-20m",
+        "synthetic": {"n_users": 200_000, "n_items": 50_000, "mean_events_per_user": 100},
+    },
 }
 
 
@@ -77,7 +83,11 @@ def worker_stages(project: Path) -> None:
 
     timings = {}
     start = time.perf_counter()
-    for name, fn in (("ingest", stages.ingest), ("validate", stages.validate), ("sequences", stages.build_sequences)):
+    for name, fn in (
+        ("ingest", stages.ingest),
+        ("validate", stages.validate),
+        ("sequences", stages.build_sequences),
+    ):
         began = time.perf_counter()
         result = fn(proj, params)
         timings[f"{name}_s"] = time.perf_counter() - began
@@ -93,12 +103,18 @@ def worker_floor(project: Path, source: str) -> None:
     raw = project / "data" / "raw"
     start = time.perf_counter()
     if source == "movielens":
-        frame = pl.read_csv(next(raw.glob("*/u.data")), separator="\t", has_header=False,
-                            new_columns=["user_id", "item_id", "rating", "timestamp"])
+        frame = pl.read_csv(
+            next(raw.glob("*/u.data")),
+            separator="\t",
+            has_header=False,
+            new_columns=["user_id", "item_id", "rating", "timestamp"],
+        )
     else:
         frame = pl.read_parquet(next(raw.glob("*/interactions.parquet")))
-    grouped = frame.sort(["user_id", "timestamp"], maintain_order=True).group_by("user_id", maintain_order=True).agg(
-        pl.col("item_id"), pl.col("timestamp"), pl.col("rating")
+    grouped = (
+        frame.sort(["user_id", "timestamp"], maintain_order=True)
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("item_id"), pl.col("timestamp"), pl.col("rating"))
     )
     emit({"floor_s": time.perf_counter() - start, "floor_users": grouped.height})
 
@@ -123,7 +139,8 @@ def measure(name: str, data: dict, workdir: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| dataset | interactions | ingest s | validate s | sequences s | total s | peak MiB | floor s | floor peak MiB | total / floor |",
+        "| dataset | interactions | ingest s | validate s | sequences s | total s | peak MiB "
+        "| floor s | floor peak MiB | total / floor |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -136,8 +153,12 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS)
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -157,8 +178,10 @@ def main() -> None:
     (OUT / "data_pipeline.json").write_text(json.dumps(result, indent=2))
     print(f"Machine: {result['machine']}\n")
     print(table(rows))
-    print("\nSetup, not in the totals (s): " + ", ".join(
-        f"{r['dataset']} fetch {r['fetch_s']:.1f} + dvc add {r['dvc_add_s']:.1f}" for r in rows))
+    print(
+        "\nSetup, not in the totals (s): "
+        + ", ".join(f"{r['dataset']} fetch {r['fetch_s']:.1f} + dvc add {r['dvc_add_s']:.1f}" for r in rows)
+    )
 
 
 if __name__ == "__main__":

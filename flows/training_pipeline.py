@@ -59,7 +59,9 @@ def build_sequences(project: Project, params) -> dict:
 
 
 @flow(name="training_pipeline")
-def training_pipeline(project_dir: str = ".", overrides: dict[str, Any] | None = None, progress: bool = True) -> dict:
+def training_pipeline(
+    project_dir: str = ".", overrides: dict[str, Any] | None = None, progress: bool = True
+) -> dict:
     logger = get_run_logger()
     project = Project(Path(project_dir))
     params = project.load_params()

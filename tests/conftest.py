@@ -28,7 +28,9 @@ def ml100k_dir() -> Path:
         for folder in (path, path / "ml-100k"):
             if (folder / "u.data").exists():
                 return folder
-    pytest.skip(f"MovieLens-100K not found at {SHARED_ML100K} (private data, not in the repo); set USERLENS_DATA_DIR")
+    pytest.skip(
+        f"MovieLens-100K not found at {SHARED_ML100K} (private data, not in the repo); set USERLENS_DATA_DIR"
+    )
 
 
 @pytest.fixture
@@ -36,7 +38,9 @@ def ml100k() -> Path:
     return ml100k_dir()
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -53,7 +57,9 @@ def make_project(root: Path, data: dict | None = None) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     for folder in ("flows", "src"):  # dvc.yaml tracks the stage code as dependencies
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
     set_params(root, {"data": {"synthetic": SMALL_SYNTHETIC, **(data or {})}})
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q", "-f"], root)
@@ -98,7 +104,9 @@ def build_sequences_project(root: Path, synthetic: dict | None = None, data: dic
     from userlens.project import Project
 
     project = make_project(root, data=data)
-    set_params(project, {"dvc": {"push": False}, "data": {"synthetic": {**SMALL_SYNTHETIC, **(synthetic or {})}}})
+    set_params(
+        project, {"dvc": {"push": False}, "data": {"synthetic": {**SMALL_SYNTHETIC, **(synthetic or {})}}}
+    )
     proj = Project(project)
     params = proj.load_params()
     stages.fetch_raw(proj, params, progress=False)

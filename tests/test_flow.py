@@ -87,8 +87,12 @@ def test_userlens_run_reports_expected_failures_without_traceback(prefect_server
     from conftest import run
 
     set_params(project, {"data": {"rating_scale": [1, 3]}})
-    done = run([sys.executable, "-m", "userlens", "--project", str(project), "run", "--no-progress"], project,
-               check=False, env={"PREFECT_API_URL": PREFECT_API_URL.value()})
+    done = run(
+        [sys.executable, "-m", "userlens", "--project", str(project), "run", "--no-progress"],
+        project,
+        check=False,
+        env={"PREFECT_API_URL": PREFECT_API_URL.value()},
+    )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "rows outside the rating scale [1, 3]" in done.stderr
     assert "Traceback" not in done.stderr

@@ -18,15 +18,23 @@ def write(folder, name, text, mode="w"):
 
 
 def test_string_ids_iso_timestamps_missing_and_half_star_ratings(tmp_path):
-    write(tmp_path, "interactions.csv",
-          "user_id,item_id,timestamp,rating\n"
-          "007,B-1,2021-03-04T05:06:07Z,4.5\n"
-          "alice,B-2,2021-03-04 05:06:08,\n"
-          "007,B-2,1614834369,0.5\n")
+    write(
+        tmp_path,
+        "interactions.csv",
+        "user_id,item_id,timestamp,rating\n"
+        "007,B-1,2021-03-04T05:06:07Z,4.5\n"
+        "alice,B-2,2021-03-04 05:06:08,\n"
+        "007,B-2,1614834369,0.5\n",
+    )
     write(tmp_path, "items.csv", "item_id,title,categories\nB-1,Book one,Fiction|Crime\nB-2,Book two,\n")
     tables = generic.read(tmp_path)
     inter = tables.interactions
-    assert inter.schema == {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64, "rating": pl.Float32}
+    assert inter.schema == {
+        "user_id": pl.String,
+        "item_id": pl.String,
+        "timestamp": pl.Int64,
+        "rating": pl.Float32,
+    }
     assert inter["user_id"].to_list() == ["007", "alice", "007"]  # leading zeros kept
     assert inter["timestamp"].to_list() == [1614834367, 1614834368, 1614834369]
     assert inter["rating"].to_list() == [4.5, None, 0.5]
@@ -36,9 +44,12 @@ def test_string_ids_iso_timestamps_missing_and_half_star_ratings(tmp_path):
 
 
 def test_declared_scale_parquet_and_list_categories(tmp_path):
-    pl.DataFrame({"user_id": [1, 2], "item_id": [10, 11], "timestamp": [1600000000, 1600000001],
-                  "rating": [3, 8]}).write_parquet(tmp_path / "interactions.parquet")
-    pl.DataFrame({"item_id": ["10", "11"], "categories": [["a"], ["b", "c"]]}).write_parquet(tmp_path / "items.parquet")
+    pl.DataFrame(
+        {"user_id": [1, 2], "item_id": [10, 11], "timestamp": [1600000000, 1600000001], "rating": [3, 8]}
+    ).write_parquet(tmp_path / "interactions.parquet")
+    pl.DataFrame({"item_id": ["10", "11"], "categories": [["a"], ["b", "c"]]}).write_parquet(
+        tmp_path / "items.parquet"
+    )
     pl.DataFrame({"user_id": ["1", "2"], "age": [30, 40]}).write_parquet(tmp_path / "users.parquet")
     tables = generic.read(tmp_path, rating_scale=(0, 10))
     assert tables.rating_scale == (0.0, 10.0) and tables.rating_scale_origin == "declared"
@@ -49,8 +60,14 @@ def test_declared_scale_parquet_and_list_categories(tmp_path):
 
 
 def test_nan_rating_is_a_missing_rating(tmp_path):
-    pl.DataFrame({"user_id": ["u", "u"], "item_id": ["i", "j"], "timestamp": [1600000000, 1600000001],
-                  "rating": [float("nan"), 4.0]}).write_parquet(tmp_path / "interactions.parquet")
+    pl.DataFrame(
+        {
+            "user_id": ["u", "u"],
+            "item_id": ["i", "j"],
+            "timestamp": [1600000000, 1600000001],
+            "rating": [float("nan"), 4.0],
+        }
+    ).write_parquet(tmp_path / "interactions.parquet")
     assert generic.read(tmp_path).interactions["rating"].to_list() == [None, 4.0]
 
 
@@ -73,11 +90,19 @@ GOOD_HEADER = "user_id,item_id,timestamp,rating\n"
         ("header only", GOOD_HEADER, "no rows"),
         ("wrong delimiter", "user_id;item_id;timestamp\nu;i;1\n", "separated by semicolons"),
         ("missing column", "user_id,item_id\nu,i\n", "missing column(s) timestamp"),
-        ("non-numeric timestamp", GOOD_HEADER + "u,i,1600000000,3\nu,j,yesterday,4\n", "'yesterday' (line 3)"),
+        (
+            "non-numeric timestamp",
+            GOOD_HEADER + "u,i,1600000000,3\nu,j,yesterday,4\n",
+            "'yesterday' (line 3)",
+        ),
         ("truncated last line", GOOD_HEADER + "u,i,1600000000,3\nu,j", "truncated"),
         ("non-numeric rating", GOOD_HEADER + "u,i,1600000000,good\n", "'good' (line 2)"),
         ("binary garbage", bytes(range(256)) * 8, "binary"),
-        ("wrong encoding", (GOOD_HEADER + "u,Amélie,1600000000,3\n").encode("latin-1"), "not valid UTF-8 at line 2"),
+        (
+            "wrong encoding",
+            (GOOD_HEADER + "u,Amélie,1600000000,3\n").encode("latin-1"),
+            "not valid UTF-8 at line 2",
+        ),
     ],
 )
 def test_bad_files_get_a_clear_message(tmp_path, name, content, expected):

@@ -81,7 +81,8 @@ HEADER = "user_id,item_id,timestamp,rating\n"
 def good_rows(n_users: int = 12, per_user: int = 6) -> str:
     return "".join(
         f"u{u},i{(u * 7 + k) % 20},{1_600_000_000 + u * 1000 + k},{1 + (u + k) % 5}\n"
-        for u in range(n_users) for k in range(per_user)
+        for u in range(n_users)
+        for k in range(per_user)
     )
 
 
@@ -123,10 +124,16 @@ def generic_project(tmp_path_factory):
     (root / "in/items.csv").write_text(ITEMS)
     interactions = root / "in/interactions.csv"
     interactions.write_text(HEADER + good_rows())
-    project = make_project(root / "project", data={
-        "source": "generic", "dataset": "shop", "interactions": str(interactions),
-        "items": str(root / "in/items.csv"), "rating_scale": [1, 5],
-    })
+    project = make_project(
+        root / "project",
+        data={
+            "source": "generic",
+            "dataset": "shop",
+            "interactions": str(interactions),
+            "items": str(root / "in/items.csv"),
+            "rating_scale": [1, 5],
+        },
+    )
     set_params(project, {"dvc": {"push": False}, "validation": {"min_events_per_user": 2}})
     result = run_stages(project)
     assert result.exit_code == 0, result.output
@@ -144,7 +151,9 @@ def test_bad_input_is_refused_and_previous_outputs_stay(generic_project, case):
         result = run_stages(project)
     finally:
         interactions.write_bytes(good)
-    assert result.exit_code not in (0, 1), f"{case}: expected a handled error, got {result.exit_code}: {result.output}"
+    assert result.exit_code not in (0, 1), (
+        f"{case}: expected a handled error, got {result.exit_code}: {result.output}"
+    )
     assert expected in result.output, f"{case}: message lacks {expected!r}:\n{result.output}"
     assert "Traceback" not in result.output
     assert folder_digest(project / "data/sequences") == before["sequences"], "sequences were overwritten"
@@ -155,7 +164,9 @@ def test_bad_input_is_refused_and_previous_outputs_stay(generic_project, case):
 def test_cli_error_has_no_traceback_and_debug_shows_it(tmp_path):
     done = userlens(tmp_path, "ingest", check=False)  # no params.yaml here
     assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and "params.yaml" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        done.stderr.startswith("error: ") and "params.yaml" in done.stderr and "Traceback" not in done.stderr
+    )
     debug = userlens(tmp_path, "--debug", "ingest", check=False)
     assert "Traceback" in debug.stderr
 
@@ -182,10 +193,15 @@ def test_sequences_match_canonical_events(generic_project):
 def test_short_user_rule_is_applied_and_reported(tmp_path, rule, expected_users):
     interactions = tmp_path / "interactions.csv"
     # 12 users with 6 events, plus two short users with 1 and 2 events
-    interactions.write_text(HEADER + good_rows() + "s1,i1,1600000000,3\ns2,i1,1600000000,3\ns2,i2,1600000001,4\n")
-    project = make_project(tmp_path / "project", data={
-        "source": "generic", "dataset": "shop", "interactions": str(interactions)})
-    set_params(project, {"dvc": {"push": False}, "validation": {"short_users": rule, "min_events_per_user": 3}})
+    interactions.write_text(
+        HEADER + good_rows() + "s1,i1,1600000000,3\ns2,i1,1600000000,3\ns2,i2,1600000001,4\n"
+    )
+    project = make_project(
+        tmp_path / "project", data={"source": "generic", "dataset": "shop", "interactions": str(interactions)}
+    )
+    set_params(
+        project, {"dvc": {"push": False}, "validation": {"short_users": rule, "min_events_per_user": 3}}
+    )
     result = run_stages(project)
     assert result.exit_code == 0, result.output
     users = pl.read_parquet(project / "data/sequences/users.parquet")
@@ -201,8 +217,11 @@ def test_short_user_rule_is_applied_and_reported(tmp_path, rule, expected_users)
 def test_short_user_rule_fail_stops_validation(tmp_path):
     interactions = tmp_path / "interactions.csv"
     interactions.write_text(HEADER + good_rows() + "s1,i1,1600000000,3\n")
-    project = make_project(tmp_path / "project", data={
-        "source": "generic", "dataset": "shop", "interactions": str(interactions)})
-    set_params(project, {"dvc": {"push": False}, "validation": {"short_users": "fail", "min_events_per_user": 3}})
+    project = make_project(
+        tmp_path / "project", data={"source": "generic", "dataset": "shop", "interactions": str(interactions)}
+    )
+    set_params(
+        project, {"dvc": {"push": False}, "validation": {"short_users": "fail", "min_events_per_user": 3}}
+    )
     result = run_stages(project)
     assert result.exit_code == 3 and "fewer than 3 events" in result.output and "s1" in result.output

@@ -6,7 +6,8 @@ from userlens.sequences import dense_codes, split_sequences
 
 def events(rows):
     return pl.DataFrame(
-        rows, schema={"user_index": pl.Int32, "item_index": pl.Int32, "timestamp": pl.Int64, "rating": pl.Float32},
+        rows,
+        schema={"user_index": pl.Int32, "item_index": pl.Int32, "timestamp": pl.Int64, "rating": pl.Float32},
         orient="row",
     )
 

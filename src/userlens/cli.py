@@ -59,15 +59,42 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--project", "project_dir", type=click.Path(file_okay=False, path_type=Path), default=".",
-              show_default=True, help="Project folder (holds params.yaml, data/, reports/).")
-@click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Settings file [default: <project>/params.yaml].")
-@click.option("--source", type=click.Choice(["synthetic", "movielens", "generic"]), help="Override data.source.")
-@click.option("--dataset", help="Override data.dataset (for MovieLens: " + ", ".join(MOVIELENS_DATASETS) + ").")
-@click.option("--data-dir", help="Folder with the official MovieLens files (else $USERLENS_DATA_DIR, else download).")
-@click.option("--interactions", type=click.Path(dir_okay=False), help="Your interactions file (implies --source generic).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any setting, e.g. sequences.max_length=100.")
+@click.option(
+    "--project",
+    "project_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Project folder (holds params.yaml, data/, reports/).",
+)
+@click.option(
+    "--params",
+    "params_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Settings file [default: <project>/params.yaml].",
+)
+@click.option(
+    "--source", type=click.Choice(["synthetic", "movielens", "generic"]), help="Override data.source."
+)
+@click.option(
+    "--dataset", help="Override data.dataset (for MovieLens: " + ", ".join(MOVIELENS_DATASETS) + ")."
+)
+@click.option(
+    "--data-dir", help="Folder with the official MovieLens files (else $USERLENS_DATA_DIR, else download)."
+)
+@click.option(
+    "--interactions",
+    type=click.Path(dir_okay=False),
+    help="Your interactions file (implies --source generic).",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any setting, e.g. sequences.max_length=100.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of expected errors too.")
 @click.pass_context
@@ -134,8 +161,10 @@ def fetch(obj: Context, no_progress):
     params = obj.params()
     info = stages.fetch_raw(obj.project, params, progress=not no_progress)
     digest = stages.version_raw(obj.project, params)
-    click.echo(f"raw snapshot {obj.project.relative(obj.project.raw_dir(params.data.dataset))} "
-               f"({info.get('origin')}), DVC hash {digest}")
+    click.echo(
+        f"raw snapshot {obj.project.relative(obj.project.raw_dir(params.data.dataset))} "
+        f"({info.get('origin')}), DVC hash {digest}"
+    )
 
 
 @cli.command()
@@ -152,8 +181,10 @@ def ingest(obj: Context):
 
     manifest = stages.ingest(obj.project, obj.params())
     rows = manifest["rows"]
-    click.echo(f"data/canonical: {rows['interactions']:,} interactions, {rows['users']:,} users, "
-               f"{rows['items']:,} items (raw DVC hash {manifest['raw_dvc_hash']})")
+    click.echo(
+        f"data/canonical: {rows['interactions']:,} interactions, {rows['users']:,} users, "
+        f"{rows['items']:,} items (raw DVC hash {manifest['raw_dvc_hash']})"
+    )
 
 
 @cli.command()
@@ -187,8 +218,10 @@ def sequences(obj: Context):
     from userlens import stages
 
     manifest = stages.build_sequences(obj.project, obj.params())
-    click.echo(f"data/sequences: {manifest['n_users']:,} users, {manifest['n_history_events']:,} history "
-               f"and {manifest['n_future_events']:,} future events")
+    click.echo(
+        f"data/sequences: {manifest['n_users']:,} users, {manifest['n_history_events']:,} history "
+        f"and {manifest['n_future_events']:,} future events"
+    )
 
 
 @cli.command()
@@ -214,9 +247,11 @@ def run(obj: Context, no_progress, as_json):
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
         click.echo(obj.project.data_summary.read_text())
-        click.echo(f"Results: {obj.project.relative(obj.project.sequences_dir)}/ (sequences), "
-                   f"{obj.project.relative(obj.project.data_summary)} (summary), "
-                   f"{obj.project.relative(obj.project.data_docs_dir)}/index.html (Data Docs)")
+        click.echo(
+            f"Results: {obj.project.relative(obj.project.sequences_dir)}/ (sequences), "
+            f"{obj.project.relative(obj.project.data_summary)} (summary), "
+            f"{obj.project.relative(obj.project.data_docs_dir)}/index.html (Data Docs)"
+        )
 
 
 class _ExpectedErrorFilter(logging.Filter):
@@ -237,7 +272,9 @@ def load_flow(project: Project):
     """Import <project>/flows/training_pipeline.py, the flow definition Prefect deployments also use."""
     path = project.root / "flows" / "training_pipeline.py"
     if not path.exists():
-        raise UserlensError(f"{path} not found: run `userlens run` from the userlens project folder (or pass --project)")
+        raise UserlensError(
+            f"{path} not found: run `userlens run` from the userlens project folder (or pass --project)"
+        )
     spec = importlib.util.spec_from_file_location("userlens_flows_training_pipeline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -82,7 +82,9 @@ def load_canonical(project: Project) -> tuple[CanonicalTables, dict]:
     manifest = read_json(folder / MANIFEST)
     frames = {name: pl.read_parquet(folder / f"{name}.parquet") for name in TABLES}
     scale = tuple(manifest["rating_scale"]) if manifest["rating_scale"] else None
-    return CanonicalTables(**frames, rating_scale=scale, rating_scale_origin=manifest["rating_scale_origin"]), manifest
+    return CanonicalTables(
+        **frames, rating_scale=scale, rating_scale_origin=manifest["rating_scale_origin"]
+    ), manifest
 
 
 def validate(project: Project, params: Params, now: int | None = None):
@@ -131,16 +133,26 @@ def build_sequences(project: Project, params: Params) -> dict:
         user_index = (np.cumsum(~short) - 1)[user_index[kept_rows]].astype(np.int32)
         interactions = interactions.filter(pl.Series(kept_rows))
         user_ids = user_ids.filter(pl.Series(~short))
-        log.info("dropped %d users with fewer than %d events (validation.short_users=drop)", short.sum(), min_events)
+        log.info(
+            "dropped %d users with fewer than %d events (validation.short_users=drop)",
+            short.sum(),
+            min_events,
+        )
     item_ids = tables.items["item_id"].sort()
-    events = pl.DataFrame({
-        "user_index": user_index,
-        "item_index": dense_codes(interactions["item_id"], item_ids),
-        "timestamp": interactions["timestamp"],
-        "rating": interactions["rating"],
-    })
-    users = pl.DataFrame({"user_index": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True), "user_id": user_ids})
-    items = pl.DataFrame({"item_index": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True), "item_id": item_ids})
+    events = pl.DataFrame(
+        {
+            "user_index": user_index,
+            "item_index": dense_codes(interactions["item_id"], item_ids),
+            "timestamp": interactions["timestamp"],
+            "rating": interactions["rating"],
+        }
+    )
+    users = pl.DataFrame(
+        {"user_index": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True), "user_id": user_ids}
+    )
+    items = pl.DataFrame(
+        {"item_index": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True), "item_id": item_ids}
+    )
     sequences = split_sequences(events, params.sequences)
 
     categories = sorted(set(tables.items["categories"].explode().drop_nulls().to_list()))
@@ -150,17 +162,14 @@ def build_sequences(project: Project, params: Params) -> dict:
             pl.element().replace_strict(category_index, return_dtype=pl.Int32)
         )
     )
-    users_out = (
-        users.join(tables.users, on="user_id", how="left", maintain_order="left")
-        .join(
-            sequences.select(
-                "user_index",
-                n_history=pl.col("history_item_index").list.len(),
-                n_future=pl.col("future_item_index").list.len(),
-            ),
-            on="user_index",
-            maintain_order="left",
-        )
+    users_out = users.join(tables.users, on="user_id", how="left", maintain_order="left").join(
+        sequences.select(
+            "user_index",
+            n_history=pl.col("history_item_index").list.len(),
+            n_future=pl.col("future_item_index").list.len(),
+        ),
+        on="user_index",
+        maintain_order="left",
     )
     manifest = {
         "stage": "sequences",
@@ -183,8 +192,12 @@ def build_sequences(project: Project, params: Params) -> dict:
         items_out.write_parquet(staging / "items.parquet")
         write_json_atomic(staging / MANIFEST, manifest)
     manifest["seconds"] = round(time.perf_counter() - start, 3)
-    log.info("sequences for %d users (%d history, %d future events)", manifest["n_users"],
-             manifest["n_history_events"], manifest["n_future_events"])
+    log.info(
+        "sequences for %d users (%d history, %d future events)",
+        manifest["n_users"],
+        manifest["n_history_events"],
+        manifest["n_future_events"],
+    )
     return manifest
 
 
@@ -226,8 +239,9 @@ def summary_markdown(project: Project, params: Params, stages: dict) -> str:
         lines.append(f"| validation | {'passed' if validation['success'] else 'FAILED'} |")
         lines.append(f"| Data Docs | `{project.relative(Path(docs)) if docs else 'n/a'}` |")
     if seq is not None:
+        short = seq["short_users"]
         lines += [
-            f"| sequence users | {seq['n_users']:,} (short users: {seq['short_users']['count']:,}, rule {seq['short_users']['rule']}) |",
+            f"| sequence users | {seq['n_users']:,} (short users: {short['count']:,}, rule {short['rule']}) |",
             f"| history / future events | {seq['n_history_events']:,} / {seq['n_future_events']:,} |",
         ]
     if validation is not None:

@@ -31,7 +31,8 @@ def dvc(root: Path, *args: str) -> str:
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         detail = [
-            line.strip() for line in (done.stderr + done.stdout).splitlines()
+            line.strip()
+            for line in (done.stderr + done.stdout).splitlines()
             if line.strip() and "dvc.org/support" not in line
         ]
         raise DvcError(f"`dvc {' '.join(args)}` failed in {root}: {' '.join(detail[-3:]) or 'no output'}")

@@ -189,7 +189,9 @@ def _parse_timestamps(frame: pl.DataFrame, path: Path) -> pl.Expr:
     parsed = pl.select(pl.coalesce([a.dt.cast_time_unit("us") for a in attempts])).to_series()
     bad = text.is_not_null() & parsed.is_null() & as_int.is_null()
     if bad.any():
-        raise DataError(f"{path}: column timestamp: {_examples(frame, bad, 'timestamp')} neither epoch seconds nor ISO 8601")
+        raise DataError(
+            f"{path}: column timestamp: {_examples(frame, bad, 'timestamp')} neither epoch seconds nor ISO 8601"
+        )
     seconds = as_int.fill_null(parsed.dt.epoch("s"))
     return pl.lit(seconds).alias("timestamp")
 
@@ -234,16 +236,20 @@ def _read_items(path: Path) -> pl.DataFrame:
     elif items.schema["categories"] == pl.List(pl.String):
         categories = pl.col("categories")
     else:
-        categories = pl.col("categories").cast(pl.String).fill_null("").str.split("|").list.eval(
-            pl.element().str.strip_chars().filter(pl.element() != "")
+        categories = (
+            pl.col("categories")
+            .cast(pl.String)
+            .fill_null("")
+            .str.split("|")
+            .list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
         )
     return items.with_columns(categories=categories)
 
 
 def _examples(frame: pl.DataFrame, mask: pl.Series, column: str, n: int = 3) -> str:
-    """"2 value(s), e.g. 'abc' (line 5), 'x' (line 9):" with lines counted like a CSV with a header."""
+    """ "2 value(s), e.g. 'abc' (line 5), 'x' (line 9):" with lines counted like a CSV with a header."""
     rows = frame.with_row_index("_row").filter(mask).head(n)
-    shown = ", ".join(f"{v!r} (line {i + 2})" for i, v in zip(rows["_row"], rows[column]))
+    shown = ", ".join(f"{v!r} (line {i + 2})" for i, v in zip(rows["_row"], rows[column], strict=True))
     return f"{int(mask.sum()):,} value(s), e.g. {shown}:"
 
 
