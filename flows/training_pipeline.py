@@ -1,8 +1,8 @@
-"""Prefect flow `training_pipeline`: raw data -> DVC version -> GX validation -> sequences.
+"""Prefect flow `training_pipeline`: raw data -> DVC version -> GX validation -> sequences
+-> Barlow Twins pretraining -> baselines -> downstream evaluation.
 
 Thin by design: every task calls the same stage function that `dvc.yaml` runs through the
-CLI (src/userlens/stages.py). Later stages (pretrain, evaluate, gate, materialize) extend
-this flow.
+CLI (src/userlens/stages.py). Later stages (gate, register, materialize) extend this flow.
 
 Run it:   userlens run            (or: python flows/training_pipeline.py)
 """
@@ -58,10 +58,23 @@ def build_sequences(project: Project, params) -> dict:
     return stages.build_sequences(project, params)
 
 
+@task(cache_policy=NO_CACHE)
+def pretrain(project: Project, params, progress: bool) -> dict:
+    return stages.pretrain(project, params, progress=progress)
+
+
+@task(cache_policy=NO_CACHE)
+def train_baselines(project: Project, params, progress: bool) -> dict:
+    return stages.train_baselines(project, params, progress=progress)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate(project: Project, params, progress: bool) -> dict:
+    return stages.evaluate(project, params, progress=progress)
+
+
 @flow(name="training_pipeline")
-def training_pipeline(
-    project_dir: str = ".", overrides: dict[str, Any] | None = None, progress: bool = True
-) -> dict:
+def training_pipeline(project_dir: str = ".", overrides: dict[str, Any] | None = None, progress: bool = True) -> dict:
     logger = get_run_logger()
     project = Project(Path(project_dir))
     params = project.load_params()
@@ -78,6 +91,11 @@ def training_pipeline(
         raise
     results["sequences"] = build_sequences(project, params)
     _publish(project, params, results, logger)
+    results["pretrain"] = pretrain(project, params, progress)
+    results["baselines"] = train_baselines(project, params, progress)
+    evaluate(project, params, progress)
+    report = (project.reports_dir / "report.md").read_text()
+    create_markdown_artifact(key="evaluation", markdown=report, description="userlens downstream evaluation")
     return results
 
 

@@ -20,6 +20,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Small enough for seconds on 2 CPU cores, big enough to have structure.
 SMALL_SYNTHETIC = {"n_users": 200, "n_items": 300, "n_categories": 6, "mean_events_per_user": 30}
+# Learning settings of test projects: every stage runs, in seconds.
+FAST_LEARNING = {
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+    "pretrain": {"epochs": 2, "batch_size": 64, "projector": [64, 64]},
+    "baselines": {"als_factors": 16, "als_iterations": 5},
+    "evaluate": {"seeds": 2, "label_fractions": [0.1, 1.0], "probes": ["logreg"]},
+}
 
 
 def ml100k_dir() -> Path:
@@ -28,9 +35,7 @@ def ml100k_dir() -> Path:
         for folder in (path, path / "ml-100k"):
             if (folder / "u.data").exists():
                 return folder
-    pytest.skip(
-        f"MovieLens-100K not found at {SHARED_ML100K} (private data, not in the repo); set USERLENS_DATA_DIR"
-    )
+    pytest.skip(f"MovieLens-100K not found at {SHARED_ML100K} (private data, not in the repo); set USERLENS_DATA_DIR")
 
 
 @pytest.fixture
@@ -38,9 +43,7 @@ def ml100k() -> Path:
     return ml100k_dir()
 
 
-def run(
-    cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -57,10 +60,8 @@ def make_project(root: Path, data: dict | None = None) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     for folder in ("flows", "src"):  # dvc.yaml tracks the stage code as dependencies
-        shutil.copytree(
-            REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-        )
-    set_params(root, {"data": {"synthetic": SMALL_SYNTHETIC, **(data or {})}})
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    set_params(root, {"data": {"synthetic": SMALL_SYNTHETIC, **(data or {})}, **FAST_LEARNING})
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q", "-f"], root)
     run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-q", "local", str(root / ".dvc-storage")], root)
@@ -104,9 +105,7 @@ def build_sequences_project(root: Path, synthetic: dict | None = None, data: dic
     from userlens.project import Project
 
     project = make_project(root, data=data)
-    set_params(
-        project, {"dvc": {"push": False}, "data": {"synthetic": {**SMALL_SYNTHETIC, **(synthetic or {})}}}
-    )
+    set_params(project, {"dvc": {"push": False}, "data": {"synthetic": {**SMALL_SYNTHETIC, **(synthetic or {})}}})
     proj = Project(project)
     params = proj.load_params()
     stages.fetch_raw(proj, params, progress=False)

@@ -44,6 +44,11 @@ def test_flow_runs_end_to_end_and_publishes_a_summary(prefect_server, project):
     assert f"{rows['interactions']:,}" in summary and "passed" in summary
     artifacts = read_artifact("data-summary")
     assert artifacts and f"{rows['interactions']:,}" in artifacts[-1].data
+    assert results["pretrain"]["model_version"].startswith("barlow_twins-")
+    assert set(results["baselines"]) == {"dual_encoder", "als", "handcrafted", "random"}
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics["favourite_category"]) == {"barlow_twins", "dual_encoder", "als", "handcrafted", "random"}
+    assert "favourite_category" in read_artifact("evaluation")[-1].data
     assert "COMPLETED" in flow_runs_by_state()
 
 

@@ -33,7 +33,7 @@ def test_fetch_versions_raw_data_and_dvc_repro_runs_stages_once(project):
     assert any((project / ".dvc-storage").rglob("*")), "dvc push put nothing in the local remote"
 
     first = dvc(project, "repro")
-    for stage in ("ingest", "validate", "sequences"):
+    for stage in ("ingest", "validate", "sequences", "pretrain", "baselines", "evaluate"):
         assert f"Running stage '{stage}'" in first
     for manifest in ("data/canonical/manifest.json", "data/sequences/manifest.json"):
         assert json.loads((project / manifest).read_text())["raw_dvc_hash"] == raw_hash
@@ -43,7 +43,8 @@ def test_fetch_versions_raw_data_and_dvc_repro_runs_stages_once(project):
     second = dvc(project, "repro")
     assert "Running stage" not in second and "up to date" in second
     dag = dvc(project, "dag", "--md")
-    assert "ingest" in dag and "validate" in dag and "sequences" in dag
+    assert all(stage in dag for stage in ("ingest", "validate", "sequences", "pretrain", "baselines", "evaluate"))
+    assert "favourite_category" in dvc(project, "metrics", "show")
 
     # A second data version: new hash, and only then does repro rerun the stages.
     set_params(project, {"data": {"synthetic": {"seed": 1}}})
@@ -151,9 +152,7 @@ def test_bad_input_is_refused_and_previous_outputs_stay(generic_project, case):
         result = run_stages(project)
     finally:
         interactions.write_bytes(good)
-    assert result.exit_code not in (0, 1), (
-        f"{case}: expected a handled error, got {result.exit_code}: {result.output}"
-    )
+    assert result.exit_code not in (0, 1), f"{case}: expected a handled error, got {result.exit_code}: {result.output}"
     assert expected in result.output, f"{case}: message lacks {expected!r}:\n{result.output}"
     assert "Traceback" not in result.output
     assert folder_digest(project / "data/sequences") == before["sequences"], "sequences were overwritten"
@@ -164,9 +163,7 @@ def test_bad_input_is_refused_and_previous_outputs_stay(generic_project, case):
 def test_cli_error_has_no_traceback_and_debug_shows_it(tmp_path):
     done = userlens(tmp_path, "ingest", check=False)  # no params.yaml here
     assert done.returncode == 2
-    assert (
-        done.stderr.startswith("error: ") and "params.yaml" in done.stderr and "Traceback" not in done.stderr
-    )
+    assert done.stderr.startswith("error: ") and "params.yaml" in done.stderr and "Traceback" not in done.stderr
     debug = userlens(tmp_path, "--debug", "ingest", check=False)
     assert "Traceback" in debug.stderr
 
@@ -193,15 +190,11 @@ def test_sequences_match_canonical_events(generic_project):
 def test_short_user_rule_is_applied_and_reported(tmp_path, rule, expected_users):
     interactions = tmp_path / "interactions.csv"
     # 12 users with 6 events, plus two short users with 1 and 2 events
-    interactions.write_text(
-        HEADER + good_rows() + "s1,i1,1600000000,3\ns2,i1,1600000000,3\ns2,i2,1600000001,4\n"
-    )
+    interactions.write_text(HEADER + good_rows() + "s1,i1,1600000000,3\ns2,i1,1600000000,3\ns2,i2,1600000001,4\n")
     project = make_project(
         tmp_path / "project", data={"source": "generic", "dataset": "shop", "interactions": str(interactions)}
     )
-    set_params(
-        project, {"dvc": {"push": False}, "validation": {"short_users": rule, "min_events_per_user": 3}}
-    )
+    set_params(project, {"dvc": {"push": False}, "validation": {"short_users": rule, "min_events_per_user": 3}})
     result = run_stages(project)
     assert result.exit_code == 0, result.output
     users = pl.read_parquet(project / "data/sequences/users.parquet")
@@ -220,8 +213,6 @@ def test_short_user_rule_fail_stops_validation(tmp_path):
     project = make_project(
         tmp_path / "project", data={"source": "generic", "dataset": "shop", "interactions": str(interactions)}
     )
-    set_params(
-        project, {"dvc": {"push": False}, "validation": {"short_users": "fail", "min_events_per_user": 3}}
-    )
+    set_params(project, {"dvc": {"push": False}, "validation": {"short_users": "fail", "min_events_per_user": 3}})
     result = run_stages(project)
     assert result.exit_code == 3 and "fewer than 3 events" in result.output and "s1" in result.output

@@ -74,15 +74,9 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
     default=None,
     help="Settings file [default: <project>/params.yaml].",
 )
-@click.option(
-    "--source", type=click.Choice(["synthetic", "movielens", "generic"]), help="Override data.source."
-)
-@click.option(
-    "--dataset", help="Override data.dataset (for MovieLens: " + ", ".join(MOVIELENS_DATASETS) + ")."
-)
-@click.option(
-    "--data-dir", help="Folder with the official MovieLens files (else $USERLENS_DATA_DIR, else download)."
-)
+@click.option("--source", type=click.Choice(["synthetic", "movielens", "generic"]), help="Override data.source.")
+@click.option("--dataset", help="Override data.dataset (for MovieLens: " + ", ".join(MOVIELENS_DATASETS) + ").")
+@click.option("--data-dir", help="Folder with the official MovieLens files (else $USERLENS_DATA_DIR, else download).")
 @click.option(
     "--interactions",
     type=click.Path(dir_okay=False),
@@ -222,6 +216,68 @@ def sequences(obj: Context):
         f"data/sequences: {manifest['n_users']:,} users, {manifest['n_history_events']:,} history "
         f"and {manifest['n_future_events']:,} future events"
     )
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def pretrain(obj: Context, no_progress):
+    """Train the Barlow Twins user encoder on data/sequences; export its user embeddings.
+
+    Checkpoints every epoch in data/models/barlow_twins/ and resumes from there after a crash
+    (same settings and data only). Uses CUDA when present.
+
+    \b
+    Examples:
+      userlens pretrain
+      userlens --set pretrain.epochs=5 --set pretrain.batch_size=64 pretrain
+    """
+    from userlens import stages
+
+    manifest = stages.pretrain(obj.project, obj.params(), progress=not no_progress)
+    click.echo(
+        f"barlow_twins {manifest['model_version']}: {manifest['epochs_run']} epochs, best epoch "
+        f"{manifest['best_epoch']} (validation probe {manifest['best_validation_score']:.3f}); "
+        "embeddings in data/embeddings/barlow_twins.parquet"
+    )
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def baselines(obj: Context, no_progress):
+    """Train the comparison methods: dual encoder (same budget as pretrain), ALS, handcrafted, random.
+
+    \b
+    Examples:
+      userlens baselines
+      userlens --set baselines.als_factors=32 baselines
+    """
+    from userlens import stages
+
+    summary = stages.train_baselines(obj.project, obj.params(), progress=not no_progress)
+    click.echo(
+        "embeddings in data/embeddings/: " + ", ".join(f"{m} ({s['model_version']})" for m, s in summary.items())
+    )
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def evaluate(obj: Context, no_progress):
+    """Probe every method's frozen embeddings on the downstream tasks with 1-100 % labels.
+
+    Writes reports/metrics.json, reports/report.md and reports/label_curves.png.
+
+    \b
+    Examples:
+      userlens evaluate
+      userlens --set evaluate.seeds=10 --set "evaluate.probes=[logreg]" evaluate
+    """
+    from userlens import stages
+
+    stages.evaluate(obj.project, obj.params(), progress=not no_progress)
+    click.echo((obj.project.reports_dir / "report.md").read_text())
 
 
 @cli.command()

@@ -125,6 +125,8 @@ class PretrainParams(_Section):
     temperature: float = Field(0.1, gt=0)  # dual encoder: softmax temperature
     logq_correction: bool = True  # dual encoder: subtract log item frequency from logits
     patience: int = Field(5, ge=1)  # early stopping: epochs without a better validation probe
+    # Users whose future labels drive early stopping; they are left out of the downstream evaluation.
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
@@ -140,7 +142,6 @@ class EvaluateParams(_Section):
     seeds: int = Field(5, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # users held out for testing probes
     probes: tuple[Literal["logreg", "mlp"], ...] = ("logreg", "mlp")
-    finetune: bool = False  # also fine-tune encoder + head (slower), reported beside the probe
     top_k: int = Field(10, ge=1)  # next item: HR@k and NDCG@k
 
 

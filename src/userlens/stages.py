@@ -7,8 +7,12 @@ came from (raw-data DVC hash, params hash, git revision) in a manifest.json.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +44,7 @@ def fetch_raw(project: Project, params: Params, progress: bool = True) -> dict:
 
 def version_raw(project: Project, params: Params) -> str:
     """`dvc add` + `dvc push` the raw snapshot; returns its DVC hash."""
-    return add_and_push(
-        project.root, project.raw_dir(params.data.dataset), params.dvc.remote, params.dvc.push
-    )
+    return add_and_push(project.root, project.raw_dir(params.data.dataset), params.dvc.remote, params.dvc.push)
 
 
 def ingest(project: Project, params: Params) -> dict:
@@ -82,9 +84,7 @@ def load_canonical(project: Project) -> tuple[CanonicalTables, dict]:
     manifest = read_json(folder / MANIFEST)
     frames = {name: pl.read_parquet(folder / f"{name}.parquet") for name in TABLES}
     scale = tuple(manifest["rating_scale"]) if manifest["rating_scale"] else None
-    return CanonicalTables(
-        **frames, rating_scale=scale, rating_scale_origin=manifest["rating_scale_origin"]
-    ), manifest
+    return CanonicalTables(**frames, rating_scale=scale, rating_scale_origin=manifest["rating_scale_origin"]), manifest
 
 
 def validate(project: Project, params: Params, now: int | None = None):
@@ -147,12 +147,8 @@ def build_sequences(project: Project, params: Params) -> dict:
             "rating": interactions["rating"],
         }
     )
-    users = pl.DataFrame(
-        {"user_index": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True), "user_id": user_ids}
-    )
-    items = pl.DataFrame(
-        {"item_index": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True), "item_id": item_ids}
-    )
+    users = pl.DataFrame({"user_index": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True), "user_id": user_ids})
+    items = pl.DataFrame({"item_index": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True), "item_id": item_ids})
     sequences = split_sequences(events, params.sequences)
 
     categories = sorted(set(tables.items["categories"].explode().drop_nulls().to_list()))
@@ -247,3 +243,156 @@ def summary_markdown(project: Project, params: Params, stages: dict) -> str:
     if validation is not None:
         lines += ["", "```", validation["summary"], "```"]
     return "\n".join(lines) + "\n"
+
+
+# --- learning: pretrain (Barlow Twins), baselines, evaluate ---------------------------------------
+
+METHODS = ("barlow_twins", "dual_encoder", "als", "handcrafted", "random")
+RUN_KEY = "run_key.txt"
+TRAINING_CODE = ("data.py", "model.py", "augment.py", "train.py", "pretraining.py")
+
+
+def pretrain(project: Project, params: Params, progress: bool = True) -> dict:
+    """data/sequences -> Barlow Twins encoder in data/models/barlow_twins/ + its user embeddings."""
+    from userlens.pretraining import train_barlow_twins
+
+    data, labels, sequences = _training_inputs(project, params)
+    out_dir = _model_dir(project, "barlow_twins", params, sequences)
+    encoder, result = train_barlow_twins(data, params, labels, out_dir, progress)
+    return _export_model(project, "barlow_twins", params, sequences, encoder, data, result)
+
+
+def train_baselines(project: Project, params: Params, progress: bool = True) -> dict:
+    """The comparison methods on the same sequences: dual encoder (same budget), ALS, handcrafted, random."""
+    from userlens import baselines
+    from userlens.pretraining import train_dual_encoder
+
+    data, labels, sequences = _training_inputs(project, params)
+    out_dir = _model_dir(project, "dual_encoder", params, sequences)
+    dual, result = train_dual_encoder(data, params, labels, out_dir, progress)
+    summary = {"dual_encoder": _export_model(project, "dual_encoder", params, sequences, dual.encoder, data, result)}
+    import torch
+
+    from userlens.data import N_SPECIAL
+
+    with torch.no_grad():  # the item tower's vectors in item_index order, for next-item ranking
+        item_vectors = dual.item_embeddings().float().cpu().numpy()[N_SPECIAL:]
+    np.save(_embeddings_dir(project) / "dual_encoder.items.npy", item_vectors)
+
+    seq_dir = project.sequences_dir
+    als_users, als_items = baselines.als_factors(seq_dir, params.baselines, seed=params.pretrain.seed)
+    np.save(_embeddings_dir(project) / "als.items.npy", als_items)
+    for method, vectors in (
+        ("als", als_users),
+        ("handcrafted", baselines.handcrafted_profile(seq_dir)),
+        ("random", baselines.random_vectors(data.n_users, params.model.d_model, params.pretrain.seed)),
+    ):
+        version = f"{method}-{params.section_hash('baselines', 'pretrain')[:10]}"
+        _write_embeddings(project, method, [vectors], version)
+        summary[method] = {"model_version": version, "dim": int(vectors.shape[1])}
+    return summary
+
+
+def evaluate(project: Project, params: Params, progress: bool = True) -> dict:
+    """Frozen embeddings of every method -> reports/metrics.json, report.md, label_curves.png."""
+    from userlens.embeddings import read_embeddings
+    from userlens.evaluate import build_tasks, evaluate_methods, write_report
+    from userlens.pretraining import validation_users
+
+    user_ids = pl.read_parquet(project.sequences_dir / "users.parquet", columns=["user_id"])["user_id"].to_list()
+    embeddings, item_vectors = {}, {}
+    for method in METHODS:
+        path = _embeddings_dir(project) / f"{method}.parquet"
+        if not path.exists():
+            continue
+        ids, vectors = read_embeddings(path)
+        if ids != user_ids:
+            raise UserlensError(f"{project.relative(path)} is for other users than data/sequences: rerun its stage")
+        embeddings[method] = vectors
+        items = path.with_name(f"{method}.items.npy")
+        if items.exists():
+            item_vectors[method] = np.load(items)
+    if not embeddings:
+        raise UserlensError("no embeddings in data/embeddings/: run `userlens pretrain` and `userlens baselines` first")
+    held_out = validation_users(len(user_ids), params)  # their labels chose the epochs: not for testing
+    tasks = {name: _without(task, held_out) for name, task in build_tasks(project.sequences_dir).items()}
+    results = evaluate_methods(embeddings, tasks, params.evaluate, item_vectors=item_vectors, progress=progress)
+    write_report(results, project.reports_dir, reference="barlow_twins", baseline="dual_encoder", tasks=tasks)
+    return results
+
+
+def _training_inputs(project: Project, params: Params):
+    from userlens.data import SequenceData
+    from userlens.evaluate import build_tasks
+
+    manifest_path = project.sequences_dir / MANIFEST
+    if not manifest_path.exists():
+        raise UserlensError("no sequences in data/sequences/: run `userlens sequences` first")
+    data = SequenceData.load(project.sequences_dir, params.sequences.max_length)
+    labels = build_tasks(project.sequences_dir)["favourite_category"].labels
+    return data, labels, read_json(manifest_path)
+
+
+def _model_dir(project: Project, method: str, params: Params, sequences: dict) -> Path:
+    """data/models/<method>/, emptied when its checkpoint came from other settings, data or
+    training code: a resume continues only the same run (a finished one is then just reused)."""
+    code = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in TRAINING_CODE)).hexdigest()
+    key = "|".join(
+        [params.section_hash("model", "augment", "pretrain"), str(params.sequences.max_length),
+         sequences["raw_dvc_hash"], sequences["params_hash"], code[:16]]
+    )  # fmt: skip
+    folder = project.root / "data" / "models" / method
+    marker = folder / RUN_KEY
+    if folder.exists() and (not marker.exists() or marker.read_text() != key):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
+    return folder
+
+
+def _export_model(project: Project, method: str, params: Params, sequences: dict, encoder, data, result) -> dict:
+    from userlens.embeddings import embed_batches
+
+    run_key = (project.root / "data" / "models" / method / RUN_KEY).read_text()
+    version = f"{method}-{hashlib.sha256(run_key.encode()).hexdigest()[:10]}"
+    rows = _write_embeddings(project, method, embed_batches(encoder, data), version)
+    manifest = {
+        "method": method,
+        "model_version": version,
+        "raw_dvc_hash": sequences["raw_dvc_hash"],
+        "params_hash": params.section_hash("model", "augment", "pretrain"),
+        "git_revision": git_revision(project.root),
+        "created_at": utc_now(),
+        "users": rows,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "best_validation_score": result.best_score,
+        "stopped_early": result.stopped_early,
+        "seconds": round(result.seconds, 2),
+        "final": result.history[-1] if result.history else None,
+    }
+    write_json_atomic(project.root / "data" / "models" / method / MANIFEST, manifest)
+    log.info("%s: %d epochs (best %d, validation %.3f), %d users exported", method, result.epochs_run,
+             result.best_epoch, result.best_score, rows)  # fmt: skip
+    return manifest
+
+
+def _embeddings_dir(project: Project) -> Path:
+    folder = project.root / "data" / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _write_embeddings(project: Project, method: str, batches, version: str) -> int:
+    from userlens.embeddings import export_embeddings
+
+    user_ids = pl.read_parquet(project.sequences_dir / "users.parquet", columns=["user_id"])["user_id"]
+    return export_embeddings(
+        _embeddings_dir(project) / f"{method}.parquet", user_ids, batches, version, datetime.now(UTC)
+    )
+
+
+def _without(task, users: np.ndarray):
+    labels = task.labels.copy()
+    labels[users] = -1
+    return dataclasses.replace(task, labels=labels)

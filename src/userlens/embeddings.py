@@ -1,0 +1,100 @@
+"""User embeddings: batched inference and the Parquet export serving reads.
+
+Export schema (one row per user): user_id string, embedding list<float32>, model_version
+string, event_timestamp timestamp[us, UTC]. Written one row group per batch, so memory stays
+bounded by the batch, not the number of users.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from userlens.data import SequenceData
+
+EXPORT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+        ("model_version", pa.string()),
+        ("event_timestamp", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@torch.no_grad()
+def embed_batches(
+    encoder: torch.nn.Module, data: SequenceData, users: np.ndarray | None = None, batch_size: int = 1024
+) -> Iterator[np.ndarray]:
+    """Embeddings of `users` (default: all, in user_index order), one float32 array per batch."""
+    device = next(encoder.parameters()).device
+    users = np.arange(data.n_users) if users is None else np.asarray(users)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for start in range(0, len(users), batch_size):
+            batch = data.batch(torch.as_tensor(users[start : start + batch_size])).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = encoder(batch)
+            yield out.float().cpu().numpy()
+    finally:
+        encoder.train(was_training)
+
+
+def embed_users(encoder: torch.nn.Module, data: SequenceData, users: np.ndarray | None = None) -> np.ndarray:
+    return np.concatenate(list(embed_batches(encoder, data, users)))
+
+
+def export_embeddings(
+    path: Path,
+    user_ids: pl.Series | list[str],
+    batches: Iterable[np.ndarray],
+    model_version: str,
+    event_timestamp: datetime,
+) -> int:
+    """Write the export Parquet atomically; `batches` follow the order of `user_ids`. Returns rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = pa.array(list(user_ids) if not isinstance(user_ids, pl.Series) else user_ids.to_arrow(), pa.string())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    written = 0
+    try:
+        with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
+            for vectors in batches:
+                n, dim = vectors.shape
+                flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+                offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+                table = pa.table(
+                    {
+                        "user_id": ids.slice(written, n),
+                        "embedding": pa.ListArray.from_arrays(offsets, flat),
+                        "model_version": pa.array([model_version] * n, pa.string()),
+                        "event_timestamp": pa.array([event_timestamp] * n, pa.timestamp("us", tz="UTC")),
+                    },
+                    schema=EXPORT_SCHEMA,
+                )
+                writer.write_table(table)
+                written += n
+        if written != len(ids):
+            raise ValueError(f"{written} embeddings for {len(ids)} users")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return written
+
+
+def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
+    """(user_ids, [n, d] float32) from an export file."""
+    table = pq.read_table(path, columns=["user_id", "embedding"])
+    column = table["embedding"].combine_chunks()
+    dim = len(column[0]) if len(column) else 0
+    vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return table["user_id"].to_pylist(), vectors

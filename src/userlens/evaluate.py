@@ -1,0 +1,851 @@
+"""Downstream evaluation of frozen user embeddings when only a few percent of users are labelled.
+
+Tasks (`build_tasks`) come from data/sequences only. Inputs of every method are built from
+the HISTORY; labels come from the FUTURE window or from user attributes, never from the
+history, so a representation of the history cannot simply copy its label:
+
+- favourite_category: the majority category of the user's future window; every category of
+  every future item counts once per event; ties go to the lowest category index; users
+  without future (or whose future items have no category) are unlabelled (-1).
+- age_bucket: ML-1M's own age_bucket when users.parquet has it (classes ordered by age code),
+  else the integer age in buckets <25, 25-34, 35-44, 45+. Missing age -> -1.
+- gender: the distinct non-empty values of users.gender, sorted (ML: F, M). Missing -> -1.
+- rating_tendency: 1 if the user's mean future rating is strictly above the median (over
+  users) of mean future ratings, else 0; no rated future event -> -1.
+- next_item (kind "ranking"): the first item of the future window that is NOT in the user's
+  history ("first new item"; on MovieLens, where a film is rated once, simply the first
+  held-out item); users with no such item -> -1. Every item of the catalogue is scored and
+  the user's history items are excluded from the ranking (never the target, which is not
+  in the history by construction); the same rule for every method.
+
+Attribute and rating tasks are declared only when the dataset has the data (and at least
+two classes); the rest are always declared.
+
+Protocol (`evaluate_methods`): for each seed, the users with a label are split into train and
+test (disjoint, `test_fraction`, stratified by class); for each label fraction f, a random f
+of the train users (nested across fractions; at least two per class when the class has them,
+so the actual count can exceed f; recorded as n_labelled) is labelled, each probe is fitted
+on the frozen embeddings (standardised on the labelled set) and scored on the test users.
+Splits depend on (seed, task) only, so all methods see the same splits: comparisons are paired.
+For next_item, a linear softmax probe (embedding -> item) is trained on all train users, or,
+for a method given `item_vectors`, the score is the dot product u . v with no training.
+
+Metrics (`accuracy`, `hit_rate_at_k`, `ndcg_at_k`) use 0-based ranks: rank = number of items
+scored above the target, ties counted against it (a constant scorer gets the worst rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from userlens.baselines import (
+    item_category_matrix,
+    list_column,
+    load_manifest,
+    load_sequences,
+    user_item_matrix,
+)
+from userlens.config import EvaluateParams
+
+log = logging.getLogger(__name__)
+
+AGE_EDGES = (25, 35, 45)
+AGE_NAMES = ("<25", "25-34", "35-44", "45+")
+MLP_HIDDEN = 64  # units of the MLP probe's hidden layer
+MLP_STEPS = 60  # full-batch AdamW steps of the MLP probe
+MLP_LR = 0.02
+MLP_WEIGHT_DECAY = 1e-2
+NEXT_ITEM_STEPS = 30  # full-batch Adam steps of the softmax probe (convex, zero init)
+NEXT_ITEM_LR = 0.1
+NEXT_ITEM_WEIGHT_DECAY = 1e-3
+PROBE_BATCH_CELLS = 1 << 24  # largest [users, items] target block of one probe step
+SCORE_BLOCK = 2048  # test users scored at a time (bounds the [users, items] score matrix)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Share of positions where y_pred equals y_true (nan for empty input)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"shapes differ: {y_true.shape} vs {y_pred.shape}")
+    return float(np.mean(y_true == y_pred)) if y_true.size else float("nan")
+
+
+def hit_rate_at_k(ranks: np.ndarray, k: int) -> float:
+    """Share of 0-based ranks below k."""
+    ranks = np.asarray(ranks)
+    return float(np.mean(ranks < k)) if ranks.size else float("nan")
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
+    """Mean of 1 / log2(rank + 2) where rank < k, else 0 (one relevant item per user)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if not ranks.size:
+        return float("nan")
+    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's target: items scored higher + other items scored equal."""
+    true = scores[np.arange(len(targets)), targets][:, None]
+    return (scores > true).sum(axis=1) + (scores == true).sum(axis=1) - 1
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    name: str
+    kind: Literal["classification", "ranking"]
+    labels: np.ndarray  # [U] int64, -1 = no label
+    n_classes: int
+    description: str
+    class_names: tuple[str, ...] = ()
+    exclude: sp.csr_matrix | None = field(default=None, repr=False)  # ranking: [U, I] items not ranked
+    targets: sp.csr_matrix | None = field(default=None, repr=False)  # ranking: [U, I] probe training targets
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.flatnonzero(self.labels >= 0)
+
+
+def build_tasks(sequences_dir: str | Path) -> dict[str, Task]:
+    """The tasks a data/sequences folder supports, in a fixed order (see the module doc)."""
+    sequences_dir = Path(sequences_dir)
+    frame = load_sequences(sequences_dir)
+    n_users = frame.height
+    manifest = load_manifest(sequences_dir)
+    item_cats = item_category_matrix(sequences_dir)
+    n_items, n_categories = item_cats.shape
+    category_names = tuple(manifest.get("categories") or (str(c) for c in range(n_categories)))
+    history = user_item_matrix(frame, n_items, "history")
+    future = user_item_matrix(frame, n_items, "future")
+    tasks: dict[str, Task] = {}
+
+    # favourite_category: argmax picks the first (lowest) index among ties.
+    counts = np.asarray((future @ item_cats).todense())
+    labels = np.where(counts.sum(axis=1) > 0, counts.argmax(axis=1), -1).astype(np.int64)
+    tasks["favourite_category"] = Task(
+        "favourite_category", "classification", labels, n_categories,
+        "majority category of the future window (all categories of every future event; ties -> lowest index)",
+        category_names,
+    )  # fmt: skip
+
+    users = _users_frame(sequences_dir, n_users)
+    age = _age_task(users, n_users)
+    if age is not None:
+        tasks["age_bucket"] = age
+    gender = _gender_task(users, n_users)
+    if gender is not None:
+        tasks["gender"] = gender
+    tendency = _rating_tendency_task(frame)
+    if tendency is not None:
+        tasks["rating_tendency"] = tendency
+
+    seen = (history > 0).astype(np.float32).tocsr()
+    tasks["next_item"] = Task(
+        "next_item", "ranking", _first_new_item(frame, history), n_items,
+        "first future item not in the history, ranked among all items minus the history items",
+        exclude=seen, targets=(future - future.multiply(seen)).tocsr(),
+    )  # fmt: skip
+    for task in tasks.values():
+        log.debug("task %s: %d labelled users", task.name, task.labelled.size)
+    return tasks
+
+
+def _users_frame(sequences_dir: Path, n_users: int) -> pl.DataFrame | None:
+    path = sequences_dir / "users.parquet"
+    if not path.exists():
+        return None
+    users = pl.read_parquet(path)
+    keep = (users["user_index"] >= 0) & (users["user_index"] < n_users)
+    return users.filter(keep)
+
+
+def _scatter(users: pl.DataFrame, values: np.ndarray, n_users: int) -> np.ndarray:
+    labels = np.full(n_users, -1, np.int64)
+    labels[users["user_index"].to_numpy()] = values
+    return labels
+
+
+def _declared(labels: np.ndarray) -> bool:
+    return np.unique(labels[labels >= 0]).size >= 2
+
+
+def _age_task(users: pl.DataFrame | None, n_users: int) -> Task | None:
+    if users is None:
+        return None
+    if "age_bucket" in users.columns:
+        names = users["age_bucket"].cast(pl.String)
+        present = names.drop_nulls().unique().to_list()
+        if "age" in users.columns:  # order the buckets by their age code
+            lowest = users.group_by("age_bucket").agg(pl.col("age").min()).drop_nulls("age_bucket")
+            order = dict(zip(lowest["age_bucket"].cast(pl.String).to_list(), lowest["age"].to_list(), strict=True))
+            present.sort(key=lambda name: (order.get(name) is None, order.get(name) or 0, name))
+        else:
+            present.sort()
+        code = {name: i for i, name in enumerate(present)}
+        values = np.array([code.get(name, -1) if name is not None else -1 for name in names.to_list()], np.int64)
+        class_names = tuple(present)
+        description = "age bucket of the dataset (users.age_bucket)"
+    elif "age" in users.columns and users["age"].dtype.is_numeric():
+        age = users["age"].cast(pl.Float64).to_numpy()
+        values = np.where(np.isnan(age), -1, np.digitize(np.nan_to_num(age), AGE_EDGES)).astype(np.int64)
+        class_names = AGE_NAMES
+        description = "age bucket " + ", ".join(AGE_NAMES)
+    else:
+        return None
+    labels = _scatter(users, values, n_users)
+    if not _declared(labels):
+        return None
+    return Task("age_bucket", "classification", labels, len(class_names), description, class_names)
+
+
+def _gender_task(users: pl.DataFrame | None, n_users: int) -> Task | None:
+    if users is None or "gender" not in users.columns:
+        return None
+    raw = users["gender"].cast(pl.String).str.strip_chars()
+    names = sorted(v for v in raw.drop_nulls().unique().to_list() if v)
+    code = {name: i for i, name in enumerate(names)}
+    values = np.array([code.get(v, -1) if v else -1 for v in raw.to_list()], np.int64)
+    labels = _scatter(users, values, n_users)
+    if not _declared(labels):
+        return None
+    return Task("gender", "classification", labels, len(names), "users.gender", tuple(names))
+
+
+def _rating_tendency_task(frame: pl.DataFrame) -> Task | None:
+    users, ratings = list_column(frame, "future_rating", np.float64)
+    rated = ~np.isnan(ratings)
+    if not rated.any():
+        return None
+    n_users = frame.height
+    n_rated = np.bincount(users[rated], minlength=n_users)
+    total = np.bincount(users[rated], weights=ratings[rated], minlength=n_users)
+    has = n_rated > 0
+    mean = np.divide(total, n_rated, out=np.zeros(n_users), where=has)
+    median = float(np.median(mean[has]))
+    labels = np.where(has, (mean > median).astype(np.int64), -1)
+    if not _declared(labels):
+        return None
+    return Task(
+        "rating_tendency", "classification", labels, 2,
+        f"1 if the mean future rating is above the median over users ({median:g}), else 0", ("low", "high"),
+    )  # fmt: skip
+
+
+def _first_new_item(frame: pl.DataFrame, history: sp.csr_matrix) -> np.ndarray:
+    users, items = list_column(frame, "future_item_index", np.int64)
+    n_items = history.shape[1]
+    hist = history.tocoo()
+    seen = np.isin(users * n_items + items, hist.row.astype(np.int64) * n_items + hist.col)
+    new_users, new_items = users[~seen], items[~seen]
+    labels = np.full(frame.height, -1, np.int64)
+    first_users, first_at = np.unique(new_users, return_index=True)  # events are in time order
+    labels[first_users] = new_items[first_at]
+    return labels
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    train: np.ndarray  # user indices
+    test: np.ndarray
+    labelled: dict[float, np.ndarray]  # label fraction -> labelled train users
+
+
+def make_split(
+    labels: np.ndarray,
+    seed: int,
+    test_fraction: float,
+    label_fractions: tuple[float, ...],
+    key: str = "",
+    stratify: bool = True,
+) -> Split:
+    """Disjoint train/test users among those with a label >= 0, and nested labelled subsets.
+
+    Deterministic in (seed, key): `key` (the task name) gives each task its own draw.
+    Test gets round(test_fraction * n) users, allocated to classes by largest remainder
+    (stratified; a class keeps at least one train user). Labelled subsets are prefixes of
+    one random order of the train users that starts with two users of each class (fewer
+    if the class has fewer), so the count is max(round(f * n_train), that minimum).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(key.encode())]))
+    users = np.flatnonzero(labels >= 0)
+    users = users[rng.permutation(users.size)]
+    n_test = int(round(test_fraction * users.size))
+    if stratify:
+        is_test = _stratified_take(labels[users], n_test, rng, keep=1)
+    else:
+        is_test = np.arange(users.size) < n_test
+    test, train = np.sort(users[is_test]), users[~is_test]  # train stays in random order
+
+    if stratify:
+        first = _within_class_rank(labels[train]) < 2
+        order = np.concatenate([train[first], train[~first]])
+        minimum = int(first.sum())
+    else:
+        order, minimum = train, min(2, train.size)
+    labelled = {}
+    for fraction in label_fractions:
+        count = min(train.size, max(int(round(fraction * train.size)), minimum))
+        labelled[float(fraction)] = np.sort(order[:count])
+    return Split(np.sort(train), test, labelled)
+
+
+def _within_class_rank(classes: np.ndarray) -> np.ndarray:
+    """Position of each entry among the entries of its class, in array order."""
+    order = np.argsort(classes, kind="stable")
+    sorted_classes = classes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1]])
+    sizes = np.diff(np.r_[starts, classes.size])
+    rank = np.empty(classes.size, np.int64)
+    rank[order] = np.arange(classes.size) - np.repeat(starts, sizes)
+    return rank
+
+
+def _stratified_take(classes: np.ndarray, n_take: int, rng: np.random.Generator, keep: int) -> np.ndarray:
+    """Mask of n_take entries spread over classes in proportion (largest remainder), taking
+    the first ones of each class in array order and leaving at least `keep` per class."""
+    values, sizes = np.unique(classes, return_counts=True)
+    cap = np.maximum(sizes - keep, 0)
+    exact = sizes * (n_take / max(classes.size, 1))
+    quota = np.minimum(np.floor(exact).astype(np.int64), cap)
+    left = n_take - int(quota.sum())
+    if left > 0:
+        remainder = exact - quota + rng.random(values.size) * 1e-9  # random tie-break
+        for c in np.argsort(-remainder, kind="stable"):
+            if left == 0:
+                break
+            if quota[c] < cap[c]:
+                quota[c] += 1
+                left -= 1
+    return _within_class_rank(classes) < quota[np.searchsorted(values, classes)]
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _standardise(x_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Scale by the mean and std of x_fit (constant columns left at scale 1), float32."""
+    mean = x_fit.mean(axis=0)
+    std = x_fit.std(axis=0)
+    std[std < 1e-8] = 1.0
+    return [((x - mean) / std).astype(np.float32) for x in (x_fit, *others)]
+
+
+def fit_predict(probe: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Fit one probe on (x_train, y_train), standardised on x_train; predicted labels of x_test.
+
+    "logreg": sklearn LogisticRegression (lbfgs, C=1, max_iter 1000). "mlp": one hidden
+    layer of 64 ReLU units, full-batch AdamW (MLP_STEPS steps; the few steps are its
+    regularisation, the same budget at every label fraction), seeded. A single class in
+    y_train predicts that class.
+    """
+    classes = np.unique(y_train)
+    if classes.size == 1:
+        return np.full(len(x_test), classes[0])
+    x_train, x_test = _standardise(x_train, x_test)
+    if probe == "logreg":
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.simplefilter("ignore", UserWarning)  # "more classes than half the samples" on tiny sets
+            return LogisticRegression(C=1.0, max_iter=1000).fit(x_train, y_train).predict(x_test)
+    if probe == "mlp":
+        return classes[_mlp_predict(x_train, np.searchsorted(classes, y_train), x_test, classes.size, seed)]
+    raise ValueError(f"unknown probe {probe!r}")
+
+
+def _mlp_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    import torch
+
+    generator = torch.Generator().manual_seed(int(seed))
+    d, h = x_train.shape[1], MLP_HIDDEN
+
+    def uniform(fan_in: int, *shape: int) -> torch.Tensor:  # PyTorch's default Linear init
+        bound = 1.0 / math.sqrt(fan_in)
+        return ((torch.rand(*shape, generator=generator) * 2 - 1) * bound).requires_grad_()
+
+    w1, b1, w2, b2 = uniform(d, d, h), uniform(d, h), uniform(h, h, n_classes), uniform(h, n_classes)
+    optimizer = torch.optim.AdamW([w1, b1, w2, b2], lr=MLP_LR, weight_decay=MLP_WEIGHT_DECAY)
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64))
+    for _ in range(MLP_STEPS):
+        optimizer.zero_grad()
+        logits = torch.relu(x @ w1 + b1) @ w2 + b2
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits = torch.relu(torch.from_numpy(x_test) @ w1 + b1) @ w2 + b2
+    return logits.argmax(dim=1).numpy()
+
+
+def _softmax_probe(x_train: np.ndarray, targets: sp.csr_matrix, seed: int = 0):
+    """A linear map embedding -> item logits, fitted by Adam on the cross-entropy with each
+    train user's target distribution (rows of `targets`, normalised). Zero init and full
+    batches, so it is deterministic; the bias starts at the log smoothed target frequency.
+    When the [users, items] batch would pass PROBE_BATCH_CELLS, each step takes a seeded
+    random batch of users instead (bounded memory and time on large datasets)."""
+    import torch
+
+    n_users, n_items = targets.shape
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std < 1e-8] = 1.0
+    x_all = torch.from_numpy(((x_train - mean) / std).astype(np.float32))
+    totals = np.asarray(targets.sum(axis=1), dtype=np.float64).ravel()
+    freq = np.asarray(targets.multiply(1.0 / np.maximum(totals, 1e-12)[:, None]).sum(axis=0)).ravel() + 0.1
+    batch = max(1, min(n_users, PROBE_BATCH_CELLS // max(n_items, 1)))
+    rng = np.random.default_rng(seed)
+
+    def rows(users: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = targets if users is None else targets[users]
+        dense = np.asarray(chosen.todense(), dtype=np.float32)
+        dense /= np.maximum(dense.sum(axis=1, keepdims=True), 1e-12)
+        return (x_all if users is None else x_all[torch.from_numpy(users)]), torch.from_numpy(dense)
+
+    full = rows(None) if batch >= n_users else None
+    weight = torch.zeros(x_all.shape[1], n_items, requires_grad=True)
+    bias = torch.tensor(np.log(freq / freq.sum()), dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam(
+        [{"params": [weight], "weight_decay": NEXT_ITEM_WEIGHT_DECAY}, {"params": [bias], "weight_decay": 0.0}],
+        lr=NEXT_ITEM_LR,
+    )
+    for _ in range(NEXT_ITEM_STEPS):
+        x, y = full if full is not None else rows(np.sort(rng.choice(n_users, batch, replace=False)))
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y)
+        loss.backward()
+        optimizer.step()
+    w, b = weight.detach().numpy(), bias.detach().numpy()
+
+    def score(x_test: np.ndarray) -> np.ndarray:
+        return ((x_test - mean) / std).astype(np.float32) @ w + b
+
+    return score
+
+
+def _probe_targets(task: Task, users: np.ndarray) -> sp.csr_matrix:
+    """Training targets of the next-item probe: the train users' new future items (all of
+    them, a richer signal than the first one alone), else their one label."""
+    if task.targets is not None:
+        return task.targets[users]
+    labels = task.labels[users]
+    return sp.csr_matrix((np.ones(users.size, np.float32), (np.arange(users.size), labels)),
+                         shape=(users.size, task.n_classes))  # fmt: skip
+
+
+def _ranks(score, embeddings: np.ndarray, users: np.ndarray, targets: np.ndarray, exclude: sp.csr_matrix | None):
+    ranks = []
+    for start in range(0, users.size, SCORE_BLOCK):
+        block = users[start : start + SCORE_BLOCK]
+        scores = np.asarray(score(embeddings[block]), dtype=np.float32)
+        if exclude is not None:
+            mask = exclude[block].tocoo()
+            scores[mask.row, mask.col] = -np.inf
+        ranks.append(target_ranks(scores, targets[start : start + SCORE_BLOCK]))
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def fraction_key(fraction: float) -> str:
+    """The key of a label fraction in results: str(float), e.g. '0.01', '1.0'."""
+    return str(float(fraction))
+
+
+def evaluate_methods(
+    embeddings: dict[str, np.ndarray],
+    tasks: dict[str, Task],
+    params: EvaluateParams,
+    item_vectors: dict[str, np.ndarray] | None = None,
+    progress: bool = True,
+    n_jobs: int = 1,
+) -> dict[str, Any]:
+    """Score frozen embeddings ([U, d] per method, row = user_index) on every task.
+
+    Returns results[task][method]:
+    - classification: [probe][fraction_key(f)] = {"mean", "std", "per_seed", "n_labelled", "n_test"}
+      (accuracy on the test users; std over seeds, ddof 0);
+    - ranking: {"hr@k": {...}, "ndcg@k": {...}, "scorer": "probe" | "item_vectors", "n_train", "n_test"}
+      with {"mean", "std", "per_seed"} for each metric.
+    Plain Python types only (JSON-serialisable). Each (seed, task) unit runs single-threaded;
+    n_jobs > 1 runs that many units at once in worker processes (same results).
+    """
+    began = time.perf_counter()
+    item_vectors = {m: np.asarray(v, dtype=np.float32) for m, v in (item_vectors or {}).items()}
+    arrays = _check_inputs(embeddings, tasks, item_vectors)
+    fractions = tuple(sorted(float(f) for f in params.label_fractions))
+    units = list(product(range(params.seeds), tasks.values()))
+    bar = dict(total=len(units), desc="evaluate (seed x task)", unit="task", disable=not progress)
+    if n_jobs == 1:
+        outputs = (_evaluate_unit(arrays, task, seed, params, item_vectors) for seed, task in units)
+    else:
+        from joblib import Parallel, delayed
+
+        parallel = Parallel(n_jobs=n_jobs, return_as="generator")
+        outputs = parallel(delayed(_evaluate_unit)(arrays, task, seed, params, item_vectors) for seed, task in units)
+    per_seed: dict = {name: {method: {} for method in arrays} for name in tasks}
+    sizes: dict = {}
+    for (_, task), (scores, unit_sizes) in zip(units, tqdm(outputs, **bar), strict=True):
+        sizes[task.name] = unit_sizes  # the same for every seed (sizes depend on class counts only)
+        for method, by_key in scores.items():
+            for key, value in by_key.items():
+                per_seed[task.name][method].setdefault(key, []).append(value)
+
+    results: dict[str, Any] = {}
+    for name, task in tasks.items():
+        results[name] = {}
+        for method in arrays:
+            scores = per_seed[name][method]
+            if task.kind == "ranking":
+                entry: dict[str, Any] = {metric: _summary(values) for metric, values in scores.items()}
+                entry["scorer"] = "item_vectors" if method in item_vectors else "probe"
+                entry.update(sizes[name])
+            else:
+                entry = {}
+                for probe in params.probes:
+                    entry[probe] = {}
+                    for fraction in fractions:
+                        n_labelled, n_test = sizes[name][fraction]
+                        summary = _summary(scores[(probe, fraction)])
+                        entry[probe][fraction_key(fraction)] = {**summary, "n_labelled": n_labelled, "n_test": n_test}
+            results[name][method] = entry
+    log.info(
+        "evaluated %d methods on %d tasks x %d seeds in %.1fs",
+        len(arrays), len(tasks), params.seeds, time.perf_counter() - began,
+    )  # fmt: skip
+    return results
+
+
+def _check_inputs(
+    embeddings: dict[str, np.ndarray], tasks: dict[str, Task], item_vectors: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    if not embeddings:
+        raise ValueError("no embeddings to evaluate")
+    if not tasks:
+        raise ValueError("no tasks to evaluate on")
+    n_users = {task.labels.size for task in tasks.values()}
+    if len(n_users) != 1:
+        raise ValueError(f"tasks disagree on the number of users: {sorted(n_users)}")
+    (n_users,) = n_users
+    arrays = {}
+    for method, matrix in embeddings.items():
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if matrix.ndim != 2 or matrix.shape[0] != n_users:
+            raise ValueError(f"embeddings {method!r}: expected shape [{n_users}, d], got {list(matrix.shape)}")
+        if not np.isfinite(matrix).all():
+            raise ValueError(f"embeddings {method!r}: contains NaN or infinite values")
+        arrays[method] = matrix
+    for method, vectors in item_vectors.items():
+        if method not in arrays:
+            raise ValueError(f"item_vectors {method!r}: no user embeddings of that name")
+        if vectors.ndim != 2 or vectors.shape[1] != arrays[method].shape[1]:
+            raise ValueError(f"item_vectors {method!r}: expected shape [n_items, {arrays[method].shape[1]}]")
+    return arrays
+
+
+def _evaluate_unit(
+    arrays: dict[str, np.ndarray],
+    task: Task,
+    seed: int,
+    params: EvaluateParams,
+    item_vectors: dict[str, np.ndarray],
+) -> tuple[dict, dict]:
+    """One (seed, task): scores[method][(probe, fraction) or metric] and the split sizes.
+
+    Runs with one thread for BLAS, OpenMP and torch: the probes are small, and on a busy
+    machine thread pools slow them down many-fold (measured 20x on 2 shared cores)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1), _torch_threads(1):
+        fractions = tuple(sorted(float(f) for f in params.label_fractions))
+        ranking = task.kind == "ranking"
+        split = make_split(task.labels, seed, params.test_fraction, fractions, task.name, stratify=not ranking)
+        y = task.labels
+        scores: dict[str, dict] = {method: {} for method in arrays}
+        if ranking:
+            k = params.top_k
+            for method, x in arrays.items():
+                if method in item_vectors:
+                    score = lambda u, v=item_vectors[method]: u @ v.T  # noqa: E731
+                else:
+                    score = _softmax_probe(x[split.train], _probe_targets(task, split.train), seed)
+                ranks = _ranks(score, x, split.test, y[split.test], task.exclude)
+                scores[method] = {f"hr@{k}": hit_rate_at_k(ranks, k), f"ndcg@{k}": ndcg_at_k(ranks, k)}
+            return scores, {"n_train": int(split.train.size), "n_test": int(split.test.size)}
+        for method, x in arrays.items():
+            for probe, (fraction, labelled) in product(params.probes, split.labelled.items()):
+                predicted = fit_predict(probe, x[labelled], y[labelled], x[split.test], seed)
+                scores[method][(probe, fraction)] = accuracy(y[split.test], predicted)
+        sizes = {fraction: (int(labelled.size), int(split.test.size)) for fraction, labelled in split.labelled.items()}
+        return scores, sizes
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": _num(array.mean()), "std": _num(array.std()), "per_seed": [_num(v) for v in array]}
+
+
+def _num(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def paired_comparison(results: dict, a: str, b: str, probe: str = "logreg") -> dict[str, dict[str, dict]]:
+    """Method a against method b on the same splits, per task and label fraction (ranking
+    tasks: per metric): mean difference a - b, relative gain mean(a) / mean(b) - 1, a paired
+    t-test over seeds (ttest_rel) and, with at least 6 pairs, a Wilcoxon signed-rank test.
+    Tasks where either method (or the probe) is missing are left out."""
+    comparison: dict[str, dict[str, dict]] = {}
+    for task, by_method in results.items():
+        if not isinstance(by_method, dict) or a not in by_method or b not in by_method:
+            continue
+        first, second = by_method[a], by_method[b]
+        if probe in first and probe in second:
+            pairs = {key: (first[probe][key], second[probe][key]) for key in first[probe] if key in second[probe]}
+        else:
+            pairs = {
+                key: (value, second[key])
+                for key, value in first.items()
+                if isinstance(value, dict) and "per_seed" in value and key in second
+            }
+        if pairs:
+            comparison[task] = {key: _paired(x["per_seed"], y["per_seed"]) for key, (x, y) in pairs.items()}
+    return comparison
+
+
+def _paired(a: list, b: list) -> dict[str, Any]:
+    from scipy import stats
+
+    keep = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    x = np.array([p[0] for p in keep], dtype=np.float64)
+    y = np.array([p[1] for p in keep], dtype=np.float64)
+    out: dict[str, Any] = {"n_pairs": len(keep), "mean_a": None, "mean_b": None, "mean_diff": None,
+                           "relative_gain": None, "t_stat": None, "t_pvalue": None,
+                           "wilcoxon_stat": None, "wilcoxon_pvalue": None}  # fmt: skip
+    if not keep:
+        return out
+    diff = x - y
+    out.update(mean_a=_num(x.mean()), mean_b=_num(y.mean()), mean_diff=_num(diff.mean()))
+    if y.mean() != 0:
+        out["relative_gain"] = _num(x.mean() / y.mean() - 1)
+    if len(keep) >= 2:
+        if np.all(diff == diff[0]):  # no spread: the t statistic is undefined
+            out.update(t_stat=0.0 if diff[0] == 0 else None, t_pvalue=1.0 if diff[0] == 0 else None)
+        else:
+            test = stats.ttest_rel(x, y)
+            out.update(t_stat=_num(test.statistic), t_pvalue=_num(test.pvalue))
+    if len(keep) >= 6:
+        if np.all(diff == 0):
+            out.update(wilcoxon_stat=0.0, wilcoxon_pvalue=1.0)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                test = stats.wilcoxon(x, y)
+            out.update(wilcoxon_stat=_num(test.statistic), wilcoxon_pvalue=_num(test.pvalue))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(
+    results: dict,
+    out_dir: str | Path,
+    reference: str = "barlow_twins",
+    baseline: str = "dual_encoder",
+    tasks: dict[str, Task] | None = None,
+) -> dict[str, Path]:
+    """metrics.json (the results as they are), report.md (a table per task and probe, the
+    relative gain of `reference` over `baseline`, the next-item table) and label_curves.png.
+    Missing methods are skipped. `tasks`, when given, adds their descriptions and class balance."""
+    from userlens.io import write_json_atomic, write_text_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "metrics": out_dir / "metrics.json",
+        "report": out_dir / "report.md",
+        "curves": out_dir / "label_curves.png",
+    }
+    write_json_atomic(paths["metrics"], results)
+    write_text_atomic(paths["report"], _report_markdown(results, reference, baseline, tasks))
+    _plot_curves(results, paths["curves"])
+    return paths
+
+
+def _classification_tasks(results: dict) -> list[str]:
+    return [t for t, by_method in results.items() if by_method and not _is_ranking(next(iter(by_method.values())))]
+
+
+def _is_ranking(entry: dict) -> bool:
+    return "scorer" in entry
+
+
+def _fraction_keys(entry: dict) -> list[str]:
+    return sorted(entry, key=float)
+
+
+def _percent(key: str) -> str:
+    return f"{float(key) * 100:g}%"
+
+
+def _cell(stat: dict | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def _report_markdown(results: dict, reference: str, baseline: str, tasks: dict[str, Task] | None) -> str:
+    lines = ["# Downstream evaluation", ""]
+    lines.append("Accuracy on held-out test users (mean ± std over seeds) by share of labelled train users;")
+    lines.append("the actual number of labelled users is in the header (at least two per class).")
+    lines.append("")
+    for task in _classification_tasks(results):
+        by_method = results[task]
+        lines.append(f"## {task}")
+        lines.append("")
+        if tasks and task in tasks:
+            lines += _task_note(tasks[task])
+        probes = list(next(iter(by_method.values())))
+        for probe in probes:
+            keys = _fraction_keys(next(iter(by_method.values()))[probe])
+            first = next(iter(by_method.values()))[probe]
+            lines.append(f"### {task} · {probe}")
+            lines.append("")
+            lines.append("| method | " + " | ".join(_percent(k) for k in keys) + " |")
+            lines.append("|---|" + "---:|" * len(keys))
+            lines.append("| *n labelled* | " + " | ".join(str(first[k]["n_labelled"]) for k in keys) + " |")
+            for method, entry in by_method.items():
+                lines.append(f"| {method} | " + " | ".join(_cell(entry.get(probe, {}).get(k)) for k in keys) + " |")
+            lines.append("")
+            if reference in by_method and baseline in by_method:
+                compared = paired_comparison({task: by_method}, reference, baseline, probe).get(task, {})
+                lines += _gain_table(compared, keys, reference, baseline)
+    ranking = [t for t, by_method in results.items() if by_method and _is_ranking(next(iter(by_method.values())))]
+    for task in ranking:
+        by_method = results[task]
+        metrics = [key for key, value in next(iter(by_method.values())).items() if isinstance(value, dict)]
+        lines.append(f"## {task}")
+        lines.append("")
+        if tasks and task in tasks:
+            lines += _task_note(tasks[task])
+        lines.append("| method | scorer | " + " | ".join(m.upper() for m in metrics) + " |")
+        lines.append("|---|---|" + "---:|" * len(metrics))
+        for method, entry in by_method.items():
+            lines.append(f"| {method} | {entry['scorer']} | " + " | ".join(_cell(entry.get(m)) for m in metrics) + " |")
+        lines.append("")
+        if reference in by_method and baseline in by_method:
+            compared = paired_comparison({task: by_method}, reference, baseline).get(task, {})
+            lines += _gain_table(compared, metrics, reference, baseline, label=str)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _task_note(task: Task) -> list[str]:
+    labels = task.labels[task.labels >= 0]
+    note = f"{task.description}. {labels.size} labelled users"
+    if task.kind == "classification" and labels.size:
+        majority = np.bincount(labels, minlength=task.n_classes).max() / labels.size
+        note += f", {task.n_classes} classes, majority class {majority:.3f}"
+    return [note + ".", ""]
+
+
+def _gain_table(compared: dict, keys: list[str], reference: str, baseline: str, label=_percent) -> list[str]:
+    if not compared:
+        return []
+    rows = [f"Gain of {reference} over {baseline} (paired over seeds):", ""]
+    rows.append("| | " + " | ".join(label(k) for k in keys) + " |")
+    rows.append("|---|" + "---:|" * len(keys))
+
+    def fmt(key: str, field_: str, pattern: str) -> str:
+        value = compared.get(key, {}).get(field_)
+        return "–" if value is None else pattern.format(value)
+
+    rows.append("| relative gain | " + " | ".join(fmt(k, "relative_gain", "{:+.1%}") for k in keys) + " |")
+    rows.append("| mean difference | " + " | ".join(fmt(k, "mean_diff", "{:+.3f}") for k in keys) + " |")
+    rows.append("| paired t p-value | " + " | ".join(fmt(k, "t_pvalue", "{:.3g}") for k in keys) + " |")
+    if any(compared.get(k, {}).get("wilcoxon_pvalue") is not None for k in keys):
+        rows.append("| Wilcoxon p-value | " + " | ".join(fmt(k, "wilcoxon_pvalue", "{:.3g}") for k in keys) + " |")
+    return rows + [""]
+
+
+def _plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = _classification_tasks(results)
+    columns = max(1, min(len(names), 4))
+    rows = max(1, -(-len(names) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    styles = {0: "-", 1: "--", 2: ":"}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes.flat, names, strict=False):
+        by_method = results[task]
+        for m, (method, entry) in enumerate(by_method.items()):
+            for p, (probe, curve) in enumerate(entry.items()):
+                keys = [k for k in _fraction_keys(curve) if curve[k]["mean"] is not None]
+                ax.errorbar(
+                    [float(k) for k in keys], [curve[k]["mean"] for k in keys], yerr=[curve[k]["std"] for k in keys],
+                    color=colours[m % len(colours)], linestyle=styles.get(p, "-."), marker="o", markersize=3,
+                    capsize=2, label=f"{method} ({probe})",
+                )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("label fraction")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    if not names:
+        axes[0, 0].text(0.5, 0.5, "no classification tasks", ha="center", va="center")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize="small", frameon=False)
+        legend_rows = -(-len(labels) // 4)
+        fig.tight_layout(rect=(0, 0.04 * legend_rows + 0.02, 1, 1))
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""Barlow Twins pretraining and the dual-encoder baseline, on the shared training loop.
+
+Both get the same encoder, optimiser settings, epochs and batch size (the same compute
+budget). Early stopping watches a validation probe: logistic regression, cross-validated, on
+the favourite-category labels of a fixed set of validation users; those users are left out
+of the downstream evaluation (`validation_users`), so model selection never sees test labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from userlens.augment import two_views
+from userlens.config import Params
+from userlens.data import SequenceData
+from userlens.embeddings import embed_users
+from userlens.model import BarlowTwins, DualEncoder, UserEncoder
+from userlens.train import FitResult, fit, pick_device
+
+log = logging.getLogger(__name__)
+MONITOR_USERS = 2048  # the collapse monitor's sample: enough for a stable effective rank
+
+
+def validation_users(n_users: int, params: Params) -> np.ndarray:
+    """The fixed users whose labels drive early stopping (the same for every method)."""
+    rng = np.random.default_rng(params.pretrain.seed)
+    n = max(2, int(round(n_users * params.pretrain.validation_fraction)))
+    return np.sort(rng.choice(n_users, size=min(n, n_users), replace=False))
+
+
+def probe_score(labels: np.ndarray, users: np.ndarray, seed: int):
+    """score(embeddings of `users`) -> 3-fold CV accuracy of a logistic regression on `labels`."""
+    keep = labels[users] >= 0
+    y = labels[users][keep]
+    # Plain shuffled folds: rare classes with one member must not make stratified CV impossible.
+    folds = KFold(n_splits=3, shuffle=True, random_state=seed)
+    usable = len(y) >= 6 and len(np.unique(y)) > 1
+
+    def score(embeddings: np.ndarray) -> float:
+        if not usable:
+            return 0.0  # too few labels to validate: early stopping then waits for `epochs`
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=seed))
+        return float(cross_val_score(probe, embeddings[keep], y, cv=folds).mean())
+
+    return score
+
+
+def _monitor(data: SequenceData, val_users: np.ndarray, seed: int) -> np.ndarray:
+    """Validation users first, then a fixed sample of the others for the collapse monitor."""
+    others = np.setdiff1d(np.arange(data.n_users), val_users)
+    extra = np.random.default_rng(seed).permutation(others)[: max(0, MONITOR_USERS - len(val_users))]
+    return np.concatenate([val_users, np.sort(extra)])
+
+
+def train_barlow_twins(
+    data: SequenceData, params: Params, labels: np.ndarray, out_dir: Path, progress: bool = True
+) -> tuple[UserEncoder, FitResult]:
+    device = pick_device(params.pretrain.device)
+    torch.manual_seed(params.pretrain.seed)
+    encoder = UserEncoder.for_data(params.model, data)
+    model = BarlowTwins(encoder, params.pretrain.projector, params.pretrain.lambd).to(device)
+
+    def step_loss(model: BarlowTwins, users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        view1, view2 = two_views(data.batch(users), params.augment, generator)
+        return model(view1.to(device), view2.to(device))
+
+    result = _fit(model, model.encoder, step_loss, data, params, labels, out_dir, "barlow twins", progress)
+    return model.encoder, result
+
+
+def train_dual_encoder(
+    data: SequenceData, params: Params, labels: np.ndarray, out_dir: Path, progress: bool = True
+) -> tuple[DualEncoder, FitResult]:
+    device = pick_device(params.pretrain.device)
+    torch.manual_seed(params.pretrain.seed)
+    encoder = UserEncoder.for_data(params.model, data)
+    model = DualEncoder(
+        encoder,
+        data.n_items,
+        data.n_categories,
+        data.item_counts,
+        params.pretrain.temperature,
+        params.pretrain.logq_correction,
+    ).to(device)
+
+    def step_loss(model: DualEncoder, users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        prefix, targets = data.history_next_item(users, generator)
+        return model(prefix.to(device), targets.to(device))
+
+    result = _fit(model, model.encoder, step_loss, data, params, labels, out_dir, "dual encoder", progress)
+    return model, result
+
+
+def _fit(model, encoder, step_loss, data, params, labels, out_dir, desc, progress) -> FitResult:
+    val_users = validation_users(data.n_users, params)
+    monitor = _monitor(data, val_users, params.pretrain.seed)
+    score = probe_score(labels, val_users, params.pretrain.seed)
+    train_users = np.arange(data.n_users)  # self-supervised: every user's history, no labels
+    return fit(
+        model,
+        step_loss,
+        embed=lambda m: embed_users(encoder, data, monitor),
+        score=lambda emb: score(emb[: len(val_users)]),
+        train_users=train_users,
+        params=params.pretrain,
+        out_dir=out_dir,
+        desc=desc,
+        progress=progress,
+    )

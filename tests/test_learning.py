@@ -1,0 +1,73 @@
+"""The learning stages on the synthetic source: pretrain, baselines, evaluate, with the real files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from userlens import stages
+from userlens.embeddings import EXPORT_SCHEMA, read_embeddings
+from userlens.project import Project
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(small_sequences):
+    """Barlow Twins for a few CPU seconds on 400 synthetic users with planted taste structure."""
+    project = Project(small_sequences.parents[1])
+    params = project.load_params().with_overrides(
+        {"pretrain.epochs": 6, "pretrain.batch_size": 64, "pretrain.patience": 10}
+    )
+    manifest = stages.pretrain(project, params, progress=False)
+    return project, params, manifest
+
+
+def test_pretraining_learns_without_collapse(trained):
+    project, params, manifest = trained
+    with open(project.root / "data/models/barlow_twins/curves.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert "effective_rank" in rows[0] and len(rows) == 6
+    assert float(rows[-1]["loss"]) < 0.8 * float(rows[0]["loss"]), "the Barlow Twins loss did not fall"
+    assert float(rows[-1]["effective_rank"]) > 4, "embeddings collapsed"
+    assert manifest["epochs_run"] == 6 and manifest["users"] == 400
+
+
+def test_export_has_the_serving_schema(trained):
+    project, params, manifest = trained
+    path = project.root / "data/embeddings/barlow_twins.parquet"
+    assert pq.read_schema(path).equals(EXPORT_SCHEMA)
+    ids, vectors = read_embeddings(path)
+    users = pq.read_table(project.sequences_dir / "users.parquet")["user_id"].to_pylist()
+    assert ids == users and vectors.shape == (400, params.model.d_model) and vectors.dtype == np.float32
+    assert set(pq.read_table(path)["model_version"].to_pylist()) == {manifest["model_version"]}
+
+
+def test_baselines_and_evaluation_find_the_planted_structure(trained):
+    project, params, _ = trained
+    summary = stages.train_baselines(project, params, progress=False)
+    assert set(summary) == {"dual_encoder", "als", "handcrafted", "random"}
+    params = params.with_overrides({"evaluate.label_fractions": [0.25, 1.0], "evaluate.seeds": 3})
+    results = stages.evaluate(project, params, progress=False)
+    metrics = json.loads((project.reports_dir / "metrics.json").read_text())
+    assert metrics.keys() == results.keys() and {"favourite_category", "gender", "next_item"} <= set(metrics)
+    favourite = metrics["favourite_category"]
+    chance = 1 / 8
+    assert favourite["barlow_twins"]["logreg"]["1.0"]["mean"] > 2.5 * chance
+    assert favourite["random"]["logreg"]["1.0"]["mean"] < 2 * chance
+    assert (project.reports_dir / "label_curves.png").stat().st_size > 10_000
+    assert "barlow_twins" in (project.reports_dir / "report.md").read_text()
+
+
+def test_rerun_with_same_settings_reuses_the_finished_run(trained):  # last: it retrains
+    project, params, manifest = trained
+    before = read_embeddings(project.root / "data/embeddings/barlow_twins.parquet")[1]
+    again = stages.pretrain(project, params, progress=False)
+    assert again["model_version"] == manifest["model_version"]
+    np.testing.assert_array_equal(read_embeddings(project.root / "data/embeddings/barlow_twins.parquet")[1], before)
+    changed = stages.pretrain(project, params.with_overrides({"pretrain.epochs": 1}), progress=False)
+    assert changed["model_version"] != manifest["model_version"] and changed["epochs_run"] == 1
