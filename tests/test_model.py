@@ -107,11 +107,21 @@ def check_invariants(view: Batch, original: Batch) -> None:
     assert not view.has_rating[masked].any() and (view.gaps[masked] == 0).all() and (view.ratings[masked] == 0).all()
 
 
-@pytest.mark.parametrize("params", [
-    AugmentParams(),
-    AugmentParams(item_mask_rate=0.9, segment_mask_prob=1.0, segment_mask_fraction=0.9, crop_prob=1.0,
-                  crop_min_fraction=0.1, reorder_prob=1.0, reorder_span=7),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        AugmentParams(),
+        AugmentParams(
+            item_mask_rate=0.9,
+            segment_mask_prob=1.0,
+            segment_mask_fraction=0.9,
+            crop_prob=1.0,
+            crop_min_fraction=0.1,
+            reorder_prob=1.0,
+            reorder_span=7,
+        ),
+    ],
+)
 def test_augment_invariants_over_many_seeds(params):
     for seed in range(40):
         batch = random_batch(seed)
@@ -163,7 +173,7 @@ def test_crop_keeps_a_contiguous_window_of_at_least_the_minimum_fraction():
             assert m >= int(np.ceil(0.6 * n - 1e-6))
             window = view.items[row, :m].tolist()
             original = batch.items[row, :n].tolist()
-            assert any(original[s:s + m] == window for s in range(n - m + 1))
+            assert any(original[s : s + m] == window for s in range(n - m + 1))
             cropped_any |= m < n
     assert cropped_any
 
@@ -216,8 +226,13 @@ def test_encoder_shapes_and_no_nan_for_empty_and_length_one_rows(pooling):
         out = enc(batch)
         assert out.shape == (len(batch), 32) and torch.isfinite(out).all()
     # An all-padding batch too.
-    empty = Batch(torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5), torch.zeros(3, 5, dtype=torch.bool),
-                  torch.zeros(3, 5), torch.ones(3, 5, dtype=torch.bool))
+    empty = Batch(
+        torch.zeros(3, 5, dtype=torch.long),
+        torch.zeros(3, 5),
+        torch.zeros(3, 5, dtype=torch.bool),
+        torch.zeros(3, 5),
+        torch.ones(3, 5, dtype=torch.bool),
+    )
     out = enc.eval()(empty)
     assert torch.isfinite(out).all() and torch.allclose(out[0], out[1])
     out.sum().backward()  # gradients flow even then
@@ -238,8 +253,13 @@ def test_padding_positions_do_not_influence_the_embedding(pooling):
         assert torch.allclose(enc(batch), enc(noisy), atol=1e-5)
         # Nor do extra padding columns (a batch trimmed differently).
         pad = torch.nn.functional.pad
-        wider = Batch(pad(batch.items, (0, 5)), pad(batch.ratings, (0, 5)), pad(batch.has_rating, (0, 5)),
-                      pad(batch.gaps, (0, 5)), pad(batch.padding, (0, 5), value=True))
+        wider = Batch(
+            pad(batch.items, (0, 5)),
+            pad(batch.ratings, (0, 5)),
+            pad(batch.has_rating, (0, 5)),
+            pad(batch.gaps, (0, 5)),
+            pad(batch.padding, (0, 5), value=True),
+        )
         assert torch.allclose(enc(batch), enc(wider), atol=1e-5)
 
 
@@ -319,8 +339,8 @@ def test_sequence_data_load(small_sequences):
         assert full.has_rating[u, :n].tolist() == [r is not None for r in ratings]
         # max_length 10 keeps the 10 most recent events, gaps measured from the true previous one
         k = min(n, 10)
-        assert int(short.lengths[u]) == k and short.items[u, :k].tolist() == [h + 3 for h in hist[n - k:]]
-        assert torch.allclose(short.gaps[u, :k], full.gaps[u, n - k:n])
+        assert int(short.lengths[u]) == k and short.items[u, :k].tolist() == [h + 3 for h in hist[n - k :]]
+        assert torch.allclose(short.gaps[u, :k], full.gaps[u, n - k : n])
         future = row["future_item_index"]
         assert int(full.next_item[u]) == (future[0] + 3 if future else -1)
 
@@ -350,21 +370,30 @@ def test_vocabulary_maps_by_item_id_and_unknown_items_become_oov(small_sequences
 def write_sequences(folder: Path, histories: list[list[int]], rating_scale=None) -> Path:
     """A hand-made data/sequences/ folder (for cases the pipeline never produces)."""
     folder.mkdir(parents=True)
-    pl.DataFrame({
-        "user_index": pl.Series(range(len(histories)), dtype=pl.Int32),
-        "history_item_index": pl.Series(histories, dtype=pl.List(pl.Int32)),
-        "history_timestamp": pl.Series([[100 * (k + 1) for k in range(len(h))] for h in histories],
-                                       dtype=pl.List(pl.Int64)),
-        "history_rating": pl.Series([[None if k % 2 else 4.0 for k in range(len(h))] for h in histories],
-                                    dtype=pl.List(pl.Float32)),
-        "future_item_index": pl.Series([[1] if h else [] for h in histories], dtype=pl.List(pl.Int32)),
-        "future_timestamp": pl.Series([[10_000] if h else [] for h in histories], dtype=pl.List(pl.Int64)),
-        "future_rating": pl.Series([[None] if h else [] for h in histories], dtype=pl.List(pl.Float32)),
-    }).write_parquet(folder / "sequences.parquet")
-    pl.DataFrame({
-        "item_index": pl.Series([0, 1, 2], dtype=pl.Int32), "item_id": ["a", "b", "c"], "title": ["A", "B", "C"],
-        "categories": [["x"], ["x", "y"], []], "category_index": pl.Series([[0], [0, 1], []], dtype=pl.List(pl.Int32)),
-    }).write_parquet(folder / "items.parquet")
+    pl.DataFrame(
+        {
+            "user_index": pl.Series(range(len(histories)), dtype=pl.Int32),
+            "history_item_index": pl.Series(histories, dtype=pl.List(pl.Int32)),
+            "history_timestamp": pl.Series(
+                [[100 * (k + 1) for k in range(len(h))] for h in histories], dtype=pl.List(pl.Int64)
+            ),
+            "history_rating": pl.Series(
+                [[None if k % 2 else 4.0 for k in range(len(h))] for h in histories], dtype=pl.List(pl.Float32)
+            ),
+            "future_item_index": pl.Series([[1] if h else [] for h in histories], dtype=pl.List(pl.Int32)),
+            "future_timestamp": pl.Series([[10_000] if h else [] for h in histories], dtype=pl.List(pl.Int64)),
+            "future_rating": pl.Series([[None] if h else [] for h in histories], dtype=pl.List(pl.Float32)),
+        }
+    ).write_parquet(folder / "sequences.parquet")
+    pl.DataFrame(
+        {
+            "item_index": pl.Series([0, 1, 2], dtype=pl.Int32),
+            "item_id": ["a", "b", "c"],
+            "title": ["A", "B", "C"],
+            "categories": [["x"], ["x", "y"], []],
+            "category_index": pl.Series([[0], [0, 1], []], dtype=pl.List(pl.Int32)),
+        }
+    ).write_parquet(folder / "items.parquet")
     (folder / "manifest.json").write_text(json.dumps({"categories": ["x", "y"], "rating_scale": rating_scale}))
     return folder
 
@@ -445,3 +474,17 @@ def test_barlow_twins_training_reduces_the_loss(data, batch_size):
         losses.append(loss.item())
     assert all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+
+
+def test_chunked_loading_and_streamed_export_match_a_full_load(small_sequences):
+    from userlens.embeddings import embed_sequences, embed_users
+
+    full = SequenceData.load(small_sequences, max_length=50)
+    chunks = list(SequenceData.chunks(small_sequences, max_length=50, chunk_users=128))
+    assert [c.n_users for c in chunks] == [128, 128, 128, 16]
+    for name in ("items", "ratings", "has_rating", "gaps", "lengths", "next_item"):
+        assert torch.equal(torch.cat([getattr(c, name) for c in chunks]), getattr(full, name)), name
+    torch.manual_seed(0)
+    encoder = UserEncoder.for_data(ModelParams(d_model=16, n_layers=1, n_heads=2), full).eval()
+    streamed = np.concatenate(list(embed_sequences(encoder, small_sequences, 50, full.item_ids, chunk_users=128)))
+    np.testing.assert_allclose(streamed, embed_users(encoder, full), rtol=1e-5, atol=1e-6)

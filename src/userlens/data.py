@@ -22,7 +22,7 @@ Construction is vectorised with Arrow list offsets and numpy: no Python loop ove
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -108,6 +108,31 @@ class SequenceData:
         """Read data/sequences/. `vocabulary`: the item_ids a model was trained on (its
         `item_ids`, in token order); items of this data outside it become the OOV token, and
         the item side table then follows the vocabulary. None: this data's own items."""
+        table = pq.read_table(Path(sequences_dir) / "sequences.parquet").sort_by("user_index")
+        return cls.from_table(sequences_dir, table, max_length, vocabulary)
+
+    @classmethod
+    def chunks(
+        cls,
+        sequences_dir: str | Path,
+        max_length: int,
+        vocabulary: Sequence[str] | np.ndarray | None = None,
+        chunk_users: int = 50_000,
+    ) -> Iterator[SequenceData]:
+        """The users in user_index order, `chunk_users` at a time: memory bounded by one chunk."""
+        sequences = pq.ParquetFile(Path(sequences_dir) / "sequences.parquet")
+        for batch in sequences.iter_batches(batch_size=chunk_users):
+            yield cls.from_table(sequences_dir, pa.Table.from_batches([batch]), max_length, vocabulary)
+
+    @classmethod
+    def from_table(
+        cls,
+        sequences_dir: str | Path,
+        table: pa.Table,
+        max_length: int,
+        vocabulary: Sequence[str] | np.ndarray | None = None,
+    ) -> SequenceData:
+        """Rows of sequences.parquet (in user_index order) with the item table of `sequences_dir`."""
         folder = Path(sequences_dir)
         manifest = json.loads((folder / "manifest.json").read_text())
         categories = list(manifest["categories"])
@@ -132,7 +157,6 @@ class SequenceData:
         item_categories = np.zeros((n_items + N_SPECIAL, len(categories)), dtype=np.float32)
         item_categories[cat_rows[ok], cat_values[ok]] = 1.0
 
-        table = pq.read_table(folder / "sequences.parquet").sort_by("user_index")
         n_users = table.num_rows
         hist_items = table["history_item_index"].combine_chunks()
         offsets = _offsets(hist_items)

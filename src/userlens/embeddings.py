@@ -53,6 +53,14 @@ def embed_users(encoder: torch.nn.Module, data: SequenceData, users: np.ndarray 
     return np.concatenate(list(embed_batches(encoder, data, users)))
 
 
+def embed_sequences(
+    encoder: torch.nn.Module, sequences_dir: Path, max_length: int, vocabulary=None, chunk_users: int = 50_000
+) -> Iterator[np.ndarray]:
+    """Embeddings of every user of data/sequences/, streamed: memory bounded by one chunk of users."""
+    for chunk in SequenceData.chunks(sequences_dir, max_length, vocabulary, chunk_users):
+        yield from embed_batches(encoder, chunk)
+
+
 def export_embeddings(
     path: Path,
     user_ids: pl.Series | list[str],

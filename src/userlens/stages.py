@@ -329,7 +329,8 @@ def _training_inputs(project: Project, params: Params):
     if not manifest_path.exists():
         raise UserlensError("no sequences in data/sequences/: run `userlens sequences` first")
     data = SequenceData.load(project.sequences_dir, params.sequences.max_length)
-    labels = build_tasks(project.sequences_dir)["favourite_category"].labels
+    tasks = build_tasks(project.sequences_dir).values()
+    labels = {task.name: task.labels for task in tasks if task.kind == "classification"}
     return data, labels, read_json(manifest_path)
 
 
@@ -351,11 +352,12 @@ def _model_dir(project: Project, method: str, params: Params, sequences: dict) -
 
 
 def _export_model(project: Project, method: str, params: Params, sequences: dict, encoder, data, result) -> dict:
-    from userlens.embeddings import embed_batches
+    from userlens.embeddings import embed_sequences
 
     run_key = (project.root / "data" / "models" / method / RUN_KEY).read_text()
     version = f"{method}-{hashlib.sha256(run_key.encode()).hexdigest()[:10]}"
-    rows = _write_embeddings(project, method, embed_batches(encoder, data), version)
+    batches = embed_sequences(encoder, project.sequences_dir, params.sequences.max_length, data.item_ids)
+    rows = _write_embeddings(project, method, batches, version)
     manifest = {
         "method": method,
         "model_version": version,
