@@ -26,12 +26,23 @@ test (disjoint, `test_fraction`, stratified by class); for each label fraction f
 of the train users (nested across fractions; at least two per class when the class has them,
 so the actual count can exceed f; recorded as n_labelled) is labelled, each probe is fitted
 on the frozen embeddings (standardised on the labelled set) and scored on the test users.
+Probes: "logreg" (sklearn LogisticRegression, lbfgs, C=1) and "mlp" (64 ReLU units, a fixed
+budget of full-batch AdamW steps in torch; the methods are trained side by side in one
+batched model, which gives the same result as one at a time and saves most of the overhead).
 Splits depend on (seed, task) only, so all methods see the same splits: comparisons are paired.
-For next_item, a linear softmax probe (embedding -> item) is trained on all train users, or,
-for a method given `item_vectors`, the score is the dot product u . v with no training.
+
+next_item uses a random (unstratified) user split. A method given `item_vectors` scores
+u . v with no training; any other method gets a linear softmax probe (embedding -> item
+logits, torch, a few full-batch Adam steps) trained on ALL train users, with each user's new
+future items as a soft target (the first one alone is too little signal for ~1,700 classes:
+the probe then falls below plain popularity), and is tested on the test users' first new item.
 
 Metrics (`accuracy`, `hit_rate_at_k`, `ndcg_at_k`) use 0-based ranks: rank = number of items
-scored above the target, ties counted against it (a constant scorer gets the worst rank).
+scored above the target plus other items scored equal to it (ties count against the target,
+so a constant scorer gets the worst rank, not the best).
+
+Everything runs single-threaded (BLAS, OpenMP, torch) per (seed, task) unit; `n_jobs` runs
+units in parallel processes with identical results.
 """
 
 from __future__ import annotations
@@ -363,44 +374,79 @@ def fit_predict(probe: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np
     regularisation, the same budget at every label fraction), seeded. A single class in
     y_train predicts that class.
     """
+    return fit_predict_many(probe, [x_train], y_train, [x_test], seed)[0]
+
+
+def fit_predict_many(
+    probe: str, x_trains: list[np.ndarray], y_train: np.ndarray, x_tests: list[np.ndarray], seed: int = 0
+) -> list[np.ndarray]:
+    """`fit_predict` for several representations of the same users (one per method): the
+    MLPs are trained side by side in one batched model (independent parameters, so each
+    result is what it would be alone, up to float rounding), which removes most overhead."""
     classes = np.unique(y_train)
+    if classes.size == 0:
+        raise ValueError("no labelled examples to fit a probe on")
     if classes.size == 1:
-        return np.full(len(x_test), classes[0])
-    x_train, x_test = _standardise(x_train, x_test)
+        return [np.full(len(x_test), classes[0]) for x_test in x_tests]
+    scaled = [_standardise(x_train, x_test) for x_train, x_test in zip(x_trains, x_tests, strict=True)]
     if probe == "logreg":
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
+        predictions = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", UserWarning)  # "more classes than half the samples" on tiny sets
-            return LogisticRegression(C=1.0, max_iter=1000).fit(x_train, y_train).predict(x_test)
+            for x_train, x_test in scaled:
+                predictions.append(LogisticRegression(C=1.0, max_iter=1000).fit(x_train, y_train).predict(x_test))
+        return predictions
     if probe == "mlp":
-        return classes[_mlp_predict(x_train, np.searchsorted(classes, y_train), x_test, classes.size, seed)]
+        codes = np.searchsorted(classes, y_train)
+        return [classes[p] for p in _mlp_predict(scaled, codes, classes.size, seed)]
     raise ValueError(f"unknown probe {probe!r}")
 
 
-def _mlp_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+def _mlp_predict(
+    scaled: list[tuple[np.ndarray, np.ndarray]], y_train: np.ndarray, n_classes: int, seed: int
+) -> list[np.ndarray]:
+    """M one-hidden-layer MLPs, one per (x_train, x_test) pair, trained together: inputs are
+    zero-padded to the widest; padded weights get no gradient and stay exactly zero."""
     import torch
 
-    generator = torch.Generator().manual_seed(int(seed))
-    d, h = x_train.shape[1], MLP_HIDDEN
+    h, width = MLP_HIDDEN, max(x.shape[1] for x, _ in scaled)
+    inits = []
+    for x_train, _ in scaled:  # each MLP's init depends on the seed and its own width only
+        generator = torch.Generator().manual_seed(int(seed))
+        d = x_train.shape[1]
 
-    def uniform(fan_in: int, *shape: int) -> torch.Tensor:  # PyTorch's default Linear init
-        bound = 1.0 / math.sqrt(fan_in)
-        return ((torch.rand(*shape, generator=generator) * 2 - 1) * bound).requires_grad_()
+        def uniform(fan_in: int, *shape: int, g: torch.Generator = generator) -> torch.Tensor:
+            bound = 1.0 / math.sqrt(fan_in)  # PyTorch's default Linear init
+            return (torch.rand(*shape, generator=g) * 2 - 1) * bound
 
-    w1, b1, w2, b2 = uniform(d, d, h), uniform(d, h), uniform(h, h, n_classes), uniform(h, n_classes)
+        w1 = torch.zeros(width, h)
+        w1[:d] = uniform(d, d, h)
+        inits.append((w1, uniform(d, 1, h), uniform(h, h, n_classes), uniform(h, 1, n_classes)))
+    w1, b1, w2, b2 = (torch.stack(parts).requires_grad_() for parts in zip(*inits, strict=True))
+
+    def pad(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.pad(x, ((0, 0), (0, width - x.shape[1]))))
+
+    x = torch.stack([pad(x_train) for x_train, _ in scaled])  # [M, n, width]
+    y = torch.from_numpy(y_train.astype(np.int64)).repeat(len(scaled))
     optimizer = torch.optim.AdamW([w1, b1, w2, b2], lr=MLP_LR, weight_decay=MLP_WEIGHT_DECAY)
-    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64))
     for _ in range(MLP_STEPS):
         optimizer.zero_grad()
-        logits = torch.relu(x @ w1 + b1) @ w2 + b2
-        torch.nn.functional.cross_entropy(logits, y).backward()
+        logits = torch.baddbmm(b2, torch.relu(torch.baddbmm(b1, x, w1)), w2)
+        # The sum over models of each model's mean loss: every model gets its own gradient.
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, n_classes), y) * len(scaled)
+        loss.backward()
         optimizer.step()
+    predictions = []
     with torch.no_grad():
-        logits = torch.relu(torch.from_numpy(x_test) @ w1 + b1) @ w2 + b2
-    return logits.argmax(dim=1).numpy()
+        for m, (_, x_test) in enumerate(scaled):
+            hidden = torch.relu(pad(x_test) @ w1[m] + b1[m])
+            predictions.append((hidden @ w2[m] + b2[m]).argmax(dim=1).numpy())
+    return predictions
 
 
 def _softmax_probe(x_train: np.ndarray, targets: sp.csr_matrix, seed: int = 0):
@@ -593,15 +639,24 @@ def _evaluate_unit(
             for method, x in arrays.items():
                 if method in item_vectors:
                     score = lambda u, v=item_vectors[method]: u @ v.T  # noqa: E731
+                elif not split.train.size:  # nothing to train the probe on
+                    scores[method] = {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan")}
+                    continue
                 else:
                     score = _softmax_probe(x[split.train], _probe_targets(task, split.train), seed)
                 ranks = _ranks(score, x, split.test, y[split.test], task.exclude)
                 scores[method] = {f"hr@{k}": hit_rate_at_k(ranks, k), f"ndcg@{k}": ndcg_at_k(ranks, k)}
             return scores, {"n_train": int(split.train.size), "n_test": int(split.test.size)}
-        for method, x in arrays.items():
-            for probe, (fraction, labelled) in product(params.probes, split.labelled.items()):
-                predicted = fit_predict(probe, x[labelled], y[labelled], x[split.test], seed)
-                scores[method][(probe, fraction)] = accuracy(y[split.test], predicted)
+        methods, test = list(arrays), split.test
+        for probe, (fraction, labelled) in product(params.probes, split.labelled.items()):
+            if not labelled.size or not test.size:  # too few labelled users to split
+                for method in methods:
+                    scores[method][(probe, fraction)] = float("nan")
+                continue
+            x_trains = [arrays[m][labelled] for m in methods]
+            predicted = fit_predict_many(probe, x_trains, y[labelled], [arrays[m][test] for m in methods], seed)
+            for method, guess in zip(methods, predicted, strict=True):
+                scores[method][(probe, fraction)] = accuracy(y[test], guess)
         sizes = {fraction: (int(labelled.size), int(split.test.size)) for fraction, labelled in split.labelled.items()}
         return scores, sizes
 
@@ -843,8 +898,8 @@ def _plot_curves(results: dict, path: Path) -> None:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize="small", frameon=False)
-        legend_rows = -(-len(labels) // 4)
-        fig.tight_layout(rect=(0, 0.04 * legend_rows + 0.02, 1, 1))
+        legend_inches = 0.2 * -(-len(labels) // 4) + 0.05
+        fig.tight_layout(rect=(0, min(0.5, legend_inches / fig.get_figheight()), 1, 1))
     else:
         fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,94 @@
+"""Embedding export: users/s and peak memory of streamed inference + Parquet export.
+
+Builds data/sequences for N synthetic users (the real data stages, in a scratch project under
+benchmarks/out/export-project, reused when present), then, in a fresh process, embeds every
+user with a (randomly initialised) default encoder and writes the export Parquet the way the
+pretrain stage does: chunks of users, one row group per batch.
+
+    python benchmarks/export.py                 # 1M users
+    python benchmarks/export.py --users 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, emit, machine, run_worker  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prepare(project: Path, users: int) -> None:
+    marker = project / "data/sequences/manifest.json"
+    if marker.exists() and json.loads(marker.read_text())["n_users"] == users:
+        return
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, project / name)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    sets = [f"data.synthetic.n_users={users}", "data.synthetic.n_items=20000", "data.synthetic.mean_events_per_user=10",
+            "dvc.push=false"]  # fmt: skip
+    base = ["--project", str(project), "--dataset", f"synthetic-{users}"] + [a for s in sets for a in ("--set", s)]
+    for verb in ("fetch", "ingest", "validate", "sequences"):
+        subprocess.run([sys.executable, "-m", "userlens", *base, verb, *(["--no-progress"] if verb == "fetch" else [])],
+                       check=True, capture_output=True)  # fmt: skip
+
+
+def worker(project: Path) -> None:
+    import polars as pl
+    import torch
+
+    from userlens.config import load_params
+    from userlens.data import SequenceData
+    from userlens.embeddings import embed_sequences, export_embeddings
+    from userlens.model import UserEncoder
+
+    params = load_params(project / "params.yaml")
+    sequences = project / "data" / "sequences"
+    first = next(SequenceData.chunks(sequences, params.sequences.max_length, chunk_users=1))
+    torch.manual_seed(0)
+    encoder = UserEncoder.for_data(params.model, first).eval()
+    user_ids = pl.read_parquet(sequences / "users.parquet", columns=["user_id"])["user_id"]
+    started = time.perf_counter()
+    rows = export_embeddings(
+        project / "data" / "embeddings" / "bench.parquet",
+        user_ids,
+        embed_sequences(encoder, sequences, params.sequences.max_length, first.item_ids),
+        "bench",
+        datetime.now(UTC),
+    )
+    emit({"users": rows, "seconds": time.perf_counter() - started, "threads": torch.get_num_threads()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker))
+        return
+    project = OUT / "export-project"
+    print(f"preparing {args.users:,} synthetic users ...", file=sys.stderr)
+    prepare(project, args.users)
+    result = run_worker(Path(__file__).resolve(), str(project))
+    OUT.mkdir(exist_ok=True)
+    (OUT / "export.json").write_text(json.dumps({"machine": machine(), **result}, indent=2))
+    print(f"Machine: {machine()}\n")
+    print("| users | seconds | users/s | peak MiB | torch threads |\n|---:|---:|---:|---:|---:|")
+    print(f"| {result['users']:,} | {result['seconds']:.1f} | {result['users'] / result['seconds']:,.0f} | "
+          f"{result['peak_rss_mib']:,.0f} | {result['threads']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
