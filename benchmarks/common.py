@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,24 @@ def peak_rss_mib() -> float:
 
 def emit(result: dict) -> None:
     print(json.dumps({**result, "peak_rss_mib": round(peak_rss_mib(), 1)}))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scratch_project(root: Path) -> Path:
+    """A fresh userlens project for a benchmark: the repository's settings, git and DVC."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def userlens(*args: str) -> None:
+    """Run the userlens CLI (as a person would), failing loudly."""
+    done = subprocess.run([sys.executable, "-m", "userlens", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"userlens {' '.join(args)} failed:\n{done.stderr[-3000:]}")

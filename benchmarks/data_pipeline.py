@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, emit, machine, run_worker  # noqa: E402
+from common import OUT, REPO, emit, machine, run_worker, scratch_project  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 # mean_events_per_user 100: 10k users -> ~1M, 200k users -> ~20M interactions
 DATASETS = {
@@ -46,17 +43,13 @@ DATASETS = {
 def make_project(root: Path, data: dict) -> Path:
     import yaml
 
-    root.mkdir(parents=True)
-    for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
+    scratch_project(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     synthetic = data.pop("synthetic", {})
     params["data"].update(data)
     params["data"]["synthetic"].update(synthetic)
     params["dvc"]["push"] = False  # pushing copies the data again: not part of what is measured
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     return root
 
 
@@ -153,12 +146,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS)
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -13,35 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, emit, machine, run_worker  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from common import OUT, emit, machine, run_worker, scratch_project, userlens  # noqa: E402
 
 
 def prepare(project: Path, users: int) -> None:
     marker = project / "data/sequences/manifest.json"
     if marker.exists() and json.loads(marker.read_text())["n_users"] == users:
         return
-    shutil.rmtree(project, ignore_errors=True)
-    project.mkdir(parents=True)
-    for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, project / name)
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    scratch_project(project)
     sets = [f"data.synthetic.n_users={users}", "data.synthetic.n_items=20000", "data.synthetic.mean_events_per_user=10",
             "dvc.push=false"]  # fmt: skip
     base = ["--project", str(project), "--dataset", f"synthetic-{users}"] + [a for s in sets for a in ("--set", s)]
-    for verb in ("fetch", "ingest", "validate", "sequences"):
-        subprocess.run([sys.executable, "-m", "userlens", *base, verb, *(["--no-progress"] if verb == "fetch" else [])],
-                       check=True, capture_output=True)  # fmt: skip
+    for verb in (["fetch", "--no-progress"], ["ingest"], ["validate"], ["sequences"]):
+        userlens(*base, *verb)
 
 
 def worker(project: Path) -> None:

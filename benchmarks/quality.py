@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,9 +24,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine  # noqa: E402
+from common import OUT, REPO, machine, scratch_project, userlens  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 TASKS = ("favourite_category", "gender", "age_bucket", "rating_tendency")
 SCARCE = ("0.01", "0.05", "0.1")  # "<= 10 % labels"
@@ -52,16 +49,11 @@ def prepare(project: Path) -> None:
     """A scratch project with ML-100K taken through the data stages (reused when present)."""
     if (project / "data/sequences/manifest.json").exists():
         return
-    shutil.rmtree(project, ignore_errors=True)
-    project.mkdir(parents=True)
-    for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, project / name)
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    scratch_project(project)
     base = ["--project", str(project), "--source", "movielens", "--dataset", "ml-100k", "--data-dir", str(ML100K),
             "--set", "dvc.push=false"]  # fmt: skip
     for verb in ("fetch", "ingest", "validate", "sequences"):
-        subprocess.run([sys.executable, "-m", "userlens", *base, verb], check=True, capture_output=True)
+        userlens(*base, verb)
 
 
 def run_variant(project: Path, overrides: dict) -> dict:
@@ -102,7 +94,12 @@ def quality_tables(run: dict, probe: str = "logreg") -> str:
         gains = [gain(results, task, f, probe) for f in fractions]
         lines += ["| *BT vs dual encoder* | " + " | ".join(f"{g:+.1%}" for g in gains) + " |", ""]
     if "next_item" in results:
-        lines += ["**next_item** (HR@10 / NDCG@10, full catalogue)", "", "| method | HR@10 | NDCG@10 |", "|---|---:|---:|"]
+        lines += [
+            "**next_item** (HR@10 / NDCG@10, full catalogue)",
+            "",
+            "| method | HR@10 | NDCG@10 |",
+            "|---|---:|---:|",
+        ]
         for method, entry in results["next_item"].items():
             hr, ndcg = (next(v for k, v in entry.items() if k.startswith(p)) for p in ("hr@", "ndcg@"))
             lines.append(f"| {method} | {cell(hr)} | {cell(ndcg)} |")
@@ -167,8 +164,10 @@ def main() -> None:
         run = runs["default"]
         print(quality_tables(run))
         print("\nTargets:\n" + "\n".join(targets(run)))
-        print(f"\nBT: {run['barlow_twins']['epochs_run']} epochs (best {run['barlow_twins']['best_epoch']}); "
-              f"dual encoder: {run['dual_encoder']['epochs_run']} epochs; {run['seconds'] / 60:.1f} min in all")
+        print(
+            f"\nBT: {run['barlow_twins']['epochs_run']} epochs (best {run['barlow_twins']['best_epoch']}); "
+            f"dual encoder: {run['dual_encoder']['epochs_run']} epochs; {run['seconds'] / 60:.1f} min in all"
+        )
     else:
         print(study_table(runs))
 

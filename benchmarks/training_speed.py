@@ -22,7 +22,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, machine  # noqa: E402
-
 from userlens.augment import two_views  # noqa: E402
 from userlens.config import AugmentParams, ModelParams  # noqa: E402
 from userlens.data import N_SPECIAL, Batch  # noqa: E402
@@ -115,7 +114,9 @@ def main() -> None:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = [measure(d, args) for d in devices]
     OUT.mkdir(exist_ok=True)
-    (OUT / "training_speed.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=2))
+    (OUT / "training_speed.json").write_text(
+        json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=2)
+    )
     print(f"Machine: {machine()}")
     print(f"Barlow Twins step: batch {args.batch}, length {args.length}, d_model {args.d_model}, "
           f"{args.layers} layers, two views, forward + backward + AdamW\n")  # fmt: skip

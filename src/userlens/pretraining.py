@@ -75,9 +75,7 @@ def _monitor(data: SequenceData, val_users: np.ndarray, seed: int) -> np.ndarray
 def train_barlow_twins(
     data: SequenceData, params: Params, labels: dict[str, np.ndarray], out_dir: Path, progress: bool = True
 ) -> tuple[UserEncoder, FitResult]:
-    device = pick_device(params.pretrain.device)
-    torch.manual_seed(params.pretrain.seed)
-    encoder = UserEncoder.for_data(params.model, data)
+    device, encoder = _new_encoder(data, params)
     model = BarlowTwins(encoder, params.pretrain.projector, params.pretrain.lambd).to(device)
 
     def step_loss(model: BarlowTwins, users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -91,9 +89,7 @@ def train_barlow_twins(
 def train_dual_encoder(
     data: SequenceData, params: Params, labels: dict[str, np.ndarray], out_dir: Path, progress: bool = True
 ) -> tuple[DualEncoder, FitResult]:
-    device = pick_device(params.pretrain.device)
-    torch.manual_seed(params.pretrain.seed)
-    encoder = UserEncoder.for_data(params.model, data)
+    device, encoder = _new_encoder(data, params)
     model = DualEncoder(
         encoder,
         data.n_items,
@@ -109,6 +105,12 @@ def train_dual_encoder(
 
     result = _fit(model, model.encoder, step_loss, data, params, labels, out_dir, "dual encoder", progress)
     return model, result
+
+
+def _new_encoder(data: SequenceData, params: Params) -> tuple[torch.device, UserEncoder]:
+    """The same seeded encoder for every method: only the objective differs."""
+    torch.manual_seed(params.pretrain.seed)
+    return pick_device(params.pretrain.device), UserEncoder.for_data(params.model, data)
 
 
 def _fit(model, encoder, step_loss, data, params, labels, out_dir, desc, progress) -> FitResult:
