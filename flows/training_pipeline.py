@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from userlens import stages
+from userlens.config import load_params
 from userlens.errors import UserlensError, ValidationFailed
 from userlens.io import write_text_atomic
 from userlens.project import Project
@@ -74,10 +75,16 @@ def evaluate(project: Project, params, progress: bool) -> dict:
 
 
 @flow(name="training_pipeline")
-def training_pipeline(project_dir: str = ".", overrides: dict[str, Any] | None = None, progress: bool = True) -> dict:
+def training_pipeline(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    params_file: str | None = None,
+) -> dict:
+    """Run every stage on the project; `params_file` defaults to <project_dir>/params.yaml."""
     logger = get_run_logger()
     project = Project(Path(project_dir))
-    params = project.load_params()
+    params = load_params(params_file) if params_file else project.load_params()
     if overrides:
         params = params.with_overrides(overrides)
     results: dict[str, Any] = {"dataset": params.data.dataset, "source": params.data.source}

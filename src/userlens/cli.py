@@ -13,7 +13,7 @@ from typing import Any
 import click
 import yaml
 
-from userlens.config import MOVIELENS_DATASETS, Params
+from userlens.config import MOVIELENS_DATASETS, Params, load_params
 from userlens.errors import ConfigError, UserlensError
 from userlens.project import Project
 
@@ -28,8 +28,6 @@ class Context:
     debug: bool = False
 
     def params(self) -> Params:
-        from userlens.config import load_params
-
         params = load_params(self.params_file)
         return params.with_overrides(self.overrides) if self.overrides else params
 
@@ -298,7 +296,12 @@ def run(obj: Context, no_progress, as_json):
     flow = load_flow(obj.project)
     if not obj.debug:
         _hide_expected_tracebacks()
-    summary = flow(project_dir=str(obj.project.root), overrides=obj.overrides, progress=not no_progress)
+    summary = flow(
+        project_dir=str(obj.project.root),
+        overrides=obj.overrides,
+        progress=not no_progress,
+        params_file=str(obj.params_file),
+    )
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
