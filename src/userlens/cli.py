@@ -307,9 +307,12 @@ def run(obj: Context, no_progress, as_json):
     else:
         click.echo(obj.project.data_summary.read_text())
         click.echo(
-            f"Results: {obj.project.relative(obj.project.sequences_dir)}/ (sequences), "
-            f"{obj.project.relative(obj.project.data_summary)} (summary), "
-            f"{obj.project.relative(obj.project.data_docs_dir)}/index.html (Data Docs)"
+            f"Results in {obj.project.root}:\n"
+            "  reports/report.md, reports/label_curves.png   downstream evaluation of every method\n"
+            "  data/embeddings/<method>.parquet              user embeddings\n"
+            "  data/models/<method>/curves.csv               training curves\n"
+            "  data/sequences/                               training sequences\n"
+            "  reports/data_summary.md, reports/data_docs/   data summary and validation (GX Data Docs)"
         )
 
 
