@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -71,3 +72,39 @@ def test_rerun_with_same_settings_reuses_the_finished_run(trained):  # last: it 
     np.testing.assert_array_equal(read_embeddings(project.root / "data/embeddings/barlow_twins.parquet")[1], before)
     changed = stages.pretrain(project, params.with_overrides({"pretrain.epochs": 1}), progress=False)
     assert changed["model_version"] != manifest["model_version"] and changed["epochs_run"] == 1
+
+
+def test_barlow_twins_resume_after_a_kill_matches_an_uninterrupted_run(small_sequences, tmp_path):
+    import torch
+
+    from userlens.augment import two_views
+    from userlens.config import Params
+    from userlens.data import SequenceData
+    from userlens.embeddings import embed_users
+    from userlens.model import BarlowTwins, UserEncoder
+    from userlens.train import fit
+
+    data = SequenceData.load(small_sequences, max_length=50)
+    params = Params().with_overrides(
+        {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "pretrain.epochs": 3, "pretrain.batch_size": 64}
+    )
+
+    def train(out_dir, stop_after_epochs=None):
+        torch.manual_seed(0)
+        encoder = UserEncoder.for_data(params.model, data)
+        model = BarlowTwins(encoder, (64, 64), params.pretrain.lambd)
+
+        def step(model, users, generator):
+            return model(*two_views(data.batch(users), params.augment, generator))
+
+        # a rising score: the best epoch is the last, so the final weights are the resumed ones
+        fit(model, step, lambda m: embed_users(encoder, data), lambda e: time.time(), np.arange(data.n_users),
+            params.pretrain, out_dir, progress=False, stop_after_epochs=stop_after_epochs)  # fmt: skip
+        return model.state_dict()
+
+    straight = train(tmp_path / "straight")
+    train(tmp_path / "killed", stop_after_epochs=1)  # the process dies after epoch 1's checkpoint
+    resumed = train(tmp_path / "killed")  # a new process picks the checkpoint up
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name

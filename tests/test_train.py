@@ -1,5 +1,7 @@
 """The training loop with a tiny model: resume is exact, early stopping keeps the best weights."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,11 @@ def embed(model):
         return model(FEATURES).numpy()
 
 
+def rising(embeddings):
+    """A validation score that improves every epoch: the best weights are the last ones."""
+    return time.time()
+
+
 def params(**kw):
     return PretrainParams(**{"epochs": 4, "batch_size": 16, "lr": 1e-2, "patience": 10, **kw})
 
@@ -37,15 +44,13 @@ def weights(model):
 def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(tmp_path):
     users = np.arange(N_USERS)
     straight = tiny_model()
-    fit(straight, step_loss, embed, lambda e: 0.0, users, params(), tmp_path / "a", progress=False)
+    fit(straight, step_loss, embed, rising, users, params(), tmp_path / "a", progress=False)
 
     resumed = tiny_model()
-    first = fit(
-        resumed, step_loss, embed, lambda e: 0.0, users, params(), tmp_path / "b", progress=False, stop_after_epochs=2
-    )
+    first = fit(resumed, step_loss, embed, rising, users, params(), tmp_path / "b", progress=False, stop_after_epochs=2)
     assert first.epochs_run == 2
     resumed = tiny_model()  # a fresh process: weights come from the checkpoint
-    result = fit(resumed, step_loss, embed, lambda e: 0.0, users, params(), tmp_path / "b", progress=False)
+    result = fit(resumed, step_loss, embed, rising, users, params(), tmp_path / "b", progress=False)
     assert result.epochs_run == 4 and len(result.history) == 4
     assert torch.equal(weights(straight), weights(resumed))
 
@@ -53,7 +58,7 @@ def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(tmp_path):
 def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint(tmp_path):
     users = np.arange(N_USERS)
     straight = tiny_model()
-    fit(straight, step_loss, embed, lambda e: 0.0, users, params(), tmp_path / "a", progress=False)
+    fit(straight, step_loss, embed, rising, users, params(), tmp_path / "a", progress=False)
 
     calls = {"n": 0}
 
@@ -64,9 +69,9 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint(tmp_path):
         return step_loss(model, batch_users, generator)
 
     with pytest.raises(RuntimeError):
-        fit(tiny_model(), crashing, embed, lambda e: 0.0, users, params(), tmp_path / "b", progress=False)
+        fit(tiny_model(), crashing, embed, rising, users, params(), tmp_path / "b", progress=False)
     resumed = tiny_model()
-    fit(resumed, step_loss, embed, lambda e: 0.0, users, params(), tmp_path / "b", progress=False)
+    fit(resumed, step_loss, embed, rising, users, params(), tmp_path / "b", progress=False)
     assert torch.equal(weights(straight), weights(resumed))
 
 
