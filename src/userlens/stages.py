@@ -20,7 +20,15 @@ import polars as pl
 
 from userlens.config import Params
 from userlens.errors import UserlensError, ValidationFailed
-from userlens.io import atomic_dir, file_sha256, git_revision, read_json, utc_now, write_json_atomic
+from userlens.io import (
+    atomic_dir,
+    file_sha256,
+    git_revision,
+    read_json,
+    save_array_atomic,
+    utc_now,
+    write_json_atomic,
+)
 from userlens.project import Project
 from userlens.schema import TABLES, CanonicalTables
 from userlens.sequences import dense_codes, split_sequences
@@ -264,30 +272,30 @@ def pretrain(project: Project, params: Params, progress: bool = True) -> dict:
 
 def train_baselines(project: Project, params: Params, progress: bool = True) -> dict:
     """The comparison methods on the same sequences: dual encoder (same budget), ALS, handcrafted, random."""
+    import torch
+
     from userlens import baselines
+    from userlens.data import N_SPECIAL
     from userlens.pretraining import train_dual_encoder
 
     data, labels, sequences = _training_inputs(project, params)
     out_dir = _model_dir(project, "dual_encoder", params, sequences)
     dual, result = train_dual_encoder(data, params, labels, out_dir, progress)
     summary = {"dual_encoder": _export_model(project, "dual_encoder", params, sequences, dual.encoder, data, result)}
-    import torch
-
-    from userlens.data import N_SPECIAL
-
     with torch.no_grad():  # the item tower's vectors in item_index order, for next-item ranking
-        item_vectors = dual.item_embeddings().float().cpu().numpy()[N_SPECIAL:]
-    np.save(_embeddings_dir(project) / "dual_encoder.items.npy", item_vectors)
+        save_array_atomic(_embeddings_dir(project) / "dual_encoder.items.npy",
+                          dual.item_embeddings().float().cpu().numpy()[N_SPECIAL:])  # fmt: skip
 
     seq_dir = project.sequences_dir
     als_users, als_items = baselines.als_factors(seq_dir, params.baselines, seed=params.pretrain.seed)
-    np.save(_embeddings_dir(project) / "als.items.npy", als_items)
+    save_array_atomic(_embeddings_dir(project) / "als.items.npy", als_items)
+    identity = f"{params.section_hash('baselines', 'pretrain')}|{sequences['raw_dvc_hash']}|{sequences['params_hash']}"
     for method, vectors in (
         ("als", als_users),
         ("handcrafted", baselines.handcrafted_profile(seq_dir)),
         ("random", baselines.random_vectors(data.n_users, params.model.d_model, params.pretrain.seed)),
     ):
-        version = f"{method}-{params.section_hash('baselines', 'pretrain')[:10]}"
+        version = f"{method}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
         _write_embeddings(project, method, [vectors], version)
         summary[method] = {"model_version": version, "dim": int(vectors.shape[1])}
     return summary
