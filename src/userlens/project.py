@@ -33,6 +33,13 @@ class Project:
     def sequences_dir(self) -> Path:
         return self.root / "data" / "sequences"
 
+    def model_dir(self, method: str) -> Path:
+        return self.root / "data" / "models" / method
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "data" / "embeddings"
+
     @property
     def reports_dir(self) -> Path:
         return self.root / "reports"

@@ -267,7 +267,7 @@ def pretrain(project: Project, params: Params, progress: bool = True) -> dict:
     data, labels, sequences = _training_inputs(project, params)
     out_dir = _model_dir(project, "barlow_twins", params, sequences)
     encoder, result = train_barlow_twins(data, params, labels, out_dir, progress)
-    return _export_model(project, "barlow_twins", params, sequences, encoder, data, result)
+    return _export_model(project, out_dir, params, sequences, encoder, data, result)
 
 
 def train_baselines(project: Project, params: Params, progress: bool = True) -> dict:
@@ -281,7 +281,7 @@ def train_baselines(project: Project, params: Params, progress: bool = True) -> 
     data, labels, sequences = _training_inputs(project, params)
     out_dir = _model_dir(project, "dual_encoder", params, sequences)
     dual, result = train_dual_encoder(data, params, labels, out_dir, progress)
-    summary = {"dual_encoder": _export_model(project, "dual_encoder", params, sequences, dual.encoder, data, result)}
+    summary = {"dual_encoder": _export_model(project, out_dir, params, sequences, dual.encoder, data, result)}
     with torch.no_grad():  # the item tower's vectors in item_index order, for next-item ranking
         save_array_atomic(_embeddings_dir(project) / "dual_encoder.items.npy",
                           dual.item_embeddings().float().cpu().numpy()[N_SPECIAL:])  # fmt: skip
@@ -310,7 +310,7 @@ def evaluate(project: Project, params: Params, progress: bool = True) -> dict:
     user_ids = pl.read_parquet(project.sequences_dir / "users.parquet", columns=["user_id"])["user_id"].to_list()
     embeddings, item_vectors = {}, {}
     for method in METHODS:
-        path = _embeddings_dir(project) / f"{method}.parquet"
+        path = project.embeddings_dir / f"{method}.parquet"
         if not path.exists():
             continue
         ids, vectors = read_embeddings(path)
@@ -350,7 +350,7 @@ def _model_dir(project: Project, method: str, params: Params, sequences: dict) -
         [params.section_hash("model", "augment", "pretrain"), str(params.sequences.max_length),
          sequences["raw_dvc_hash"], sequences["params_hash"], code[:16]]
     )  # fmt: skip
-    folder = project.root / "data" / "models" / method
+    folder = project.model_dir(method)
     marker = folder / RUN_KEY
     if folder.exists() and (not marker.exists() or marker.read_text() != key):
         shutil.rmtree(folder)
@@ -359,10 +359,11 @@ def _model_dir(project: Project, method: str, params: Params, sequences: dict) -
     return folder
 
 
-def _export_model(project: Project, method: str, params: Params, sequences: dict, encoder, data, result) -> dict:
+def _export_model(project: Project, model_dir: Path, params: Params, sequences: dict, encoder, data, result) -> dict:
+    """Embeddings of every user -> data/embeddings/<method>.parquet; the run -> <model_dir>/manifest.json."""
     from userlens.embeddings import embed_sequences
 
-    run_key = (project.root / "data" / "models" / method / RUN_KEY).read_text()
+    method, run_key = model_dir.name, (model_dir / RUN_KEY).read_text()
     version = f"{method}-{hashlib.sha256(run_key.encode()).hexdigest()[:10]}"
     batches = embed_sequences(encoder, project.sequences_dir, params.sequences.max_length, data.item_ids)
     rows = _write_embeddings(project, method, batches, version)
@@ -381,16 +382,15 @@ def _export_model(project: Project, method: str, params: Params, sequences: dict
         "seconds": round(result.seconds, 2),
         "final": result.history[-1] if result.history else None,
     }
-    write_json_atomic(project.root / "data" / "models" / method / MANIFEST, manifest)
+    write_json_atomic(model_dir / MANIFEST, manifest)
     log.info("%s: %d epochs (best %d, validation %.3f), %d users exported", method, result.epochs_run,
              result.best_epoch, result.best_score, rows)  # fmt: skip
     return manifest
 
 
 def _embeddings_dir(project: Project) -> Path:
-    folder = project.root / "data" / "embeddings"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    project.embeddings_dir.mkdir(parents=True, exist_ok=True)
+    return project.embeddings_dir
 
 
 def _write_embeddings(project: Project, method: str, batches, version: str) -> int:
