@@ -7,12 +7,14 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install run test repro lint bench clean help
+.PHONY: install run test repro deploy lint bench clean help
 
 help:
-	@echo "make run    - install if needed, run the pipeline end to end on synthetic data"
+	@echo "make run    - install if needed, run the pipeline end to end on synthetic data; prints the"
+	@echo "              gate decision, the run report and a userlens lookup that works"
 	@echo "make test   - install if needed, run the test suite"
 	@echo "make repro  - run the DVC pipeline (dvc repro) after \`userlens fetch\`"
+	@echo "make deploy - serve the scheduled deployments (needs PREFECT_API_URL: README, Scheduled runs)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - data-pipeline benchmarks (see BENCHMARKS.md)"
 
@@ -33,6 +35,9 @@ test: install
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/userlens fetch
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+deploy: install
+	$(BIN)/userlens deploy
 
 lint: install
 	$(BIN)/ruff check src tests flows benchmarks

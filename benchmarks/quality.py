@@ -7,6 +7,7 @@ benchmarks/out/quality-<variant>.json plus the Markdown for BENCHMARKS.md.
     python benchmarks/quality.py                          # the default settings (params.yaml)
     python benchmarks/quality.py --study batch            # Barlow Twins vs dual encoder at batch 32..256
     python benchmarks/quality.py --study ablation         # lambda, augmentations, width, sequence length
+    python benchmarks/quality.py --study finetune         # encoder + head fine-tuned, beside the probes
     python benchmarks/quality.py --set pretrain.epochs=5  # any override, for a quick look
 
 Targets (issue 3): Barlow Twins >= 8 % relative over the dual encoder on every task at <= 10 %
@@ -42,6 +43,7 @@ STUDIES = {
         "width-128": {"model.d_model": 128},
         "max-length-50": {"sequences.max_length": 50},
     },
+    "finetune": {"finetune": {"evaluate.finetune.enabled": True}},  # beside the probes, on the same splits
 }
 
 
@@ -89,11 +91,11 @@ def quality_tables(run: dict, probe: str = "logreg") -> str:
         lines += [f"**{task}** ({probe} probe, accuracy, mean ± std over seeds)", "",
                   "| method | " + " | ".join(f"{float(f):.0%}" for f in fractions) + " |",
                   "|---|" + "---:|" * len(fractions)]  # fmt: skip
-        for method in (m for m in METHODS if m in results[task]):
+        for method in (m for m in METHODS if probe in results[task].get(m, {})):
             lines.append(f"| {method} | " + " | ".join(cell(results[task][method][probe][f]) for f in fractions) + " |")
         gains = [gain(results, task, f, probe) for f in fractions]
         lines += ["| *BT vs dual encoder* | " + " | ".join(f"{g:+.1%}" for g in gains) + " |", ""]
-    if "next_item" in results:
+    if "next_item" in results and probe == "logreg":
         lines += [
             "**next_item** (HR@10 / NDCG@10, full catalogue)",
             "",
@@ -168,6 +170,11 @@ def main() -> None:
             f"\nBT: {run['barlow_twins']['epochs_run']} epochs (best {run['barlow_twins']['best_epoch']}); "
             f"dual encoder: {run['dual_encoder']['epochs_run']} epochs; {run['seconds'] / 60:.1f} min in all"
         )
+    elif args.study == "finetune":
+        run = runs["finetune"]
+        print(quality_tables(run, probe="finetune"))
+        print("\nTargets (fine-tuned):\n" + "\n".join(targets(run, probe="finetune")[:-1]))
+        print(f"\n{run['seconds'] / 60:.1f} min in all (pretraining reused when already done)")
     else:
         print(study_table(runs))
 

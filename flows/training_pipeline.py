@@ -1,10 +1,18 @@
-"""Prefect flow `training_pipeline`: raw data -> DVC version -> GX validation -> sequences
--> Barlow Twins pretraining -> baselines -> downstream evaluation.
+"""Prefect flows of userlens.
+
+`training_pipeline`: raw data -> DVC version -> GX validation -> sequences -> Barlow Twins
+pretraining -> baselines -> downstream evaluation -> gate -> register -> promote (publish to
+the online store, then move the production alias).
+`refresh_pipeline`: the faster scheduled job: new raw data -> sequences -> the production
+encoder re-embeds the users -> incremental materialization into the online store.
 
 Thin by design: every task calls the same stage function that `dvc.yaml` runs through the
-CLI (src/userlens/stages.py). Later stages (gate, register, materialize) extend this flow.
+CLI (src/userlens/stages.py). Steps are cached on what dvc.yaml says they depend on (DVC
+content hashes, file contents, params): an unchanged step ends in the state "Cached". A
+blocked gate is a decision, not a crash: the run ends Completed, named "Blocked".
 
 Run it:   userlens run            (or: python flows/training_pipeline.py)
+Schedule: userlens deploy         (see flows/deploy.py and prefect.yaml)
 """
 
 from __future__ import annotations
@@ -13,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
-from userlens import stages
+from userlens import caching, run_report, stages
 from userlens.config import load_params
 from userlens.errors import UserlensError, ValidationFailed
 from userlens.io import write_text_atomic
+from userlens.locking import project_lock
 from userlens.project import Project
 
 
@@ -34,44 +44,96 @@ def _retry_if_retryable(task, task_run, state) -> bool:
     return False
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
+def _dvc_stage(stage: str):
+    """A task option set that caches on the dvc.yaml stage's dependencies and params."""
+
+    def key(context, parameters) -> str:
+        return caching.stage_key(parameters["project"], parameters["params"], stage)
+
+    return {"cache_key_fn": key, "persist_result": True, "task_run_name": stage}
+
+
+def _run_step(step, stage: str, project: Project, params, *args):
+    """Run a cached step, refreshing its cache when one of its outputs is gone from disk."""
+    if not caching.outputs_present(project, params, stage):
+        step = step.with_options(refresh_cache=True)
+    return step(project, params, *args)
+
+
+RETRY = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _retry_if_retryable}
+
+
+@task(**RETRY, cache_policy=NO_CACHE)
 def fetch_raw(project: Project, params, progress: bool) -> dict:
     return stages.fetch_raw(project, params, progress=progress)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
+@task(**RETRY, cache_policy=NO_CACHE)
 def version_raw(project: Project, params) -> str:
     return stages.version_raw(project, params)
 
 
-@task(cache_policy=NO_CACHE)
+@task(**_dvc_stage("ingest"))
 def ingest(project: Project, params) -> dict:
     return stages.ingest(project, params)
 
 
-@task(cache_policy=NO_CACHE)
-def validate(project: Project, params):
-    return stages.validate(project, params)
+@task(**_dvc_stage("validate"))
+def validate(project: Project, params) -> str:
+    return stages.validate(project, params).summary()
 
 
-@task(cache_policy=NO_CACHE)
+@task(**_dvc_stage("sequences"))
 def build_sequences(project: Project, params) -> dict:
     return stages.build_sequences(project, params)
 
 
-@task(cache_policy=NO_CACHE)
+@task(**_dvc_stage("pretrain"))
 def pretrain(project: Project, params, progress: bool) -> dict:
     return stages.pretrain(project, params, progress=progress)
 
 
-@task(cache_policy=NO_CACHE)
+@task(**_dvc_stage("baselines"))
 def train_baselines(project: Project, params, progress: bool) -> dict:
     return stages.train_baselines(project, params, progress=progress)
 
 
-@task(cache_policy=NO_CACHE)
+@task(**_dvc_stage("evaluate"))
 def evaluate(project: Project, params, progress: bool) -> dict:
     return stages.evaluate(project, params, progress=progress)
+
+
+@task(cache_policy=NO_CACHE)
+def gate(project: Project, params) -> dict:
+    return stages.gate(project, params)
+
+
+@task(cache_policy=NO_CACHE)
+def register(project: Project, params) -> dict:
+    return stages.register(project, params)
+
+
+@task(**RETRY, cache_policy=NO_CACHE)  # a store write: a retry can help
+def promote(project: Project, params, progress: bool) -> dict:
+    return stages.promote(project, params, progress=progress)
+
+
+@task(cache_policy=NO_CACHE)
+def reexport(project: Project, params) -> Path:
+    return stages.reexport(project, params)
+
+
+@task(**RETRY, cache_policy=NO_CACHE)  # a store write: a retry can help
+def refresh(project: Project, params, embeddings: Path, progress: bool) -> dict:
+    from userlens import feature_store
+
+    return feature_store.refresh(project, params, embeddings=embeddings, progress=progress)
+
+
+def _setup(project_dir: str, overrides: dict | None, params_file: str | None):
+    project = Project(Path(project_dir))
+    params = load_params(params_file) if params_file else project.load_params()
+    return project, params.with_overrides(overrides) if overrides else params
 
 
 @flow(name="training_pipeline")
@@ -80,37 +142,87 @@ def training_pipeline(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     params_file: str | None = None,
-) -> dict:
+):
     """Run every stage on the project; `params_file` defaults to <project_dir>/params.yaml."""
     logger = get_run_logger()
-    project = Project(Path(project_dir))
-    params = load_params(params_file) if params_file else project.load_params()
-    if overrides:
-        params = params.with_overrides(overrides)
+    project, params = _setup(project_dir, overrides, params_file)
     results: dict[str, Any] = {"dataset": params.data.dataset, "source": params.data.source}
-    results["fetch"] = fetch_raw(project, params, progress)
-    results["raw_dvc_hash"] = version_raw(project, params)
-    results["ingest"] = ingest(project, params)
-    try:
-        validate(project, params)
-    except ValidationFailed:
-        _publish(project, params, results, logger)  # the summary says why; then the run fails
-        raise
-    results["sequences"] = build_sequences(project, params)
-    _publish(project, params, results, logger)
-    results["pretrain"] = pretrain(project, params, progress)
-    results["baselines"] = train_baselines(project, params, progress)
-    evaluate(project, params, progress)
-    report = (project.reports_dir / "report.md").read_text()
-    create_markdown_artifact(key="evaluation", markdown=report, description="userlens downstream evaluation")
+    with project_lock(project, "training_pipeline"):
+        _prepare_data(project, params, results, progress, logger)
+        results["pretrain"] = _run_step(pretrain, "pretrain", project, params, progress)
+        results["baselines"] = _run_step(train_baselines, "baselines", project, params, progress)
+        _run_step(evaluate, "evaluate", project, params, progress)
+        decision = results["gate"] = gate(project, params)
+        results["register"] = register(project, params)
+        if decision["passed"]:
+            results["promote"] = promote(project, params, progress)
+        _publish_run_report(project, params, results, logger)
+    if not decision["passed"]:  # not a crash: the run did its job and kept production as it was
+        logger.warning("%s", decision["summary"])
+        return Completed(name="Blocked", message=decision["summary"], data=results)
     return results
 
 
-def _publish(project: Project, params, results: dict, logger) -> None:
+@flow(name="refresh_pipeline")
+def refresh_pipeline(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    progress: bool = False,
+    params_file: str | None = None,
+) -> dict:
+    """New raw data -> sequences -> the production encoder re-embeds users -> incremental materialization."""
+    logger = get_run_logger()
+    project, params = _setup(project_dir, overrides, params_file)
+    results: dict[str, Any] = {"dataset": params.data.dataset, "source": params.data.source}
+    with project_lock(project, "refresh_pipeline"):
+        _prepare_data(project, params, results, progress, logger)
+        results["refresh"] = refresh(project, params, reexport(project, params), progress)
+    return results
+
+
+def _prepare_data(project: Project, params, results: dict, progress: bool, logger) -> None:
+    """fetch -> version -> ingest -> validate -> sequences, publishing the data summary."""
+    results["fetch"] = fetch_raw(project, params, progress)
+    results["raw_dvc_hash"] = version_raw(project, params)
+    results["ingest"] = _run_step(ingest, "ingest", project, params)
+    try:
+        _run_step(validate, "validate", project, params)
+    except ValidationFailed:
+        _publish_summary(project, params, results, logger)  # the summary says why; then the run fails
+        raise
+    results["sequences"] = _run_step(build_sequences, "sequences", project, params)
+    _publish_summary(project, params, results, logger)
+
+
+def _publish_summary(project: Project, params, results: dict, logger) -> None:
     markdown = stages.summary_markdown(project, params, results)
     write_text_atomic(project.data_summary, markdown)
     create_markdown_artifact(key="data-summary", markdown=markdown, description="userlens data summary")
     logger.info("data summary written to %s", project.relative(project.data_summary))
+
+
+def _publish_run_report(project: Project, params, results: dict, logger) -> None:
+    """The run's markdown report and metrics table, as files in reports/ and as Prefect artifacts."""
+    markdown = run_report.markdown(project, params, results)
+    write_text_atomic(project.run_report, markdown)
+    create_markdown_artifact(key="run-report", markdown=markdown, description="userlens training run")
+    create_table_artifact(key="metrics", table=run_report.metrics_rows(project, params), description="userlens metrics")
+    evaluation = (project.reports_dir / "report.md").read_text()
+    create_markdown_artifact(key="evaluation", markdown=evaluation, description="userlens downstream evaluation")
+    logger.info("run report written to %s", project.relative(project.run_report))
+
+
+TRAIN_CRON = "0 3 * * *"  # training_pipeline: daily at 03:00 (UTC)
+REFRESH_CRON = "0 * * * *"  # refresh_pipeline: hourly
+
+
+def deployments(project_dir: str = ".", cron: str | None = None, refresh_cron: str | None = None) -> list:
+    """The scheduled deployments that `userlens deploy` serves (the work-pool variants are in prefect.yaml)."""
+    parameters = {"project_dir": str(Path(project_dir).resolve()), "progress": False}
+    return [
+        training_pipeline.to_deployment(name="daily", cron=cron or TRAIN_CRON, parameters=parameters),
+        refresh_pipeline.to_deployment(name="refresh", cron=refresh_cron or REFRESH_CRON, parameters=parameters),
+    ]
 
 
 if __name__ == "__main__":

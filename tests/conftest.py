@@ -26,6 +26,15 @@ FAST_LEARNING = {
     "pretrain": {"epochs": 2, "batch_size": 64, "projector": [64, 64]},
     "baselines": {"als_factors": 16, "als_iterations": 5},
     "evaluate": {"seeds": 2, "label_fractions": [0.1, 1.0], "probes": ["logreg"]},
+    # Gate at a fraction the fast evaluation has; 200 users are too few for a margin over the baseline.
+    "gate": {
+        "label_fraction": 1.0,
+        "tasks": {
+            "favourite_category": {"min_accuracy": 0.3, "max_regression": 0.05, "min_margin_over_baseline": -0.1},
+            "rating_tendency": {"min_accuracy": 0.5, "max_regression": 0.05, "min_margin_over_baseline": -0.1,
+                                "optional": True},
+        },
+    },
 }
 
 
@@ -59,7 +68,7 @@ def make_project(root: Path, data: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
-    for folder in ("flows", "src"):  # dvc.yaml tracks the stage code as dependencies
+    for folder in ("flows", "src", "feature_repo"):  # dvc.yaml tracks the stage code as dependencies
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(root, {"data": {"synthetic": SMALL_SYNTHETIC, **(data or {})}, **FAST_LEARNING})
     run(["git", "init", "-q"], root)

@@ -1,28 +1,38 @@
-"""The Prefect flow end to end on a real (temporary) Prefect server."""
+"""The Prefect flows end to end on a real (temporary) Prefect server, with the real DVC, GX and Feast."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+import numpy as np
 import polars as pl
 import pytest
+from click.testing import CliRunner
 
-from conftest import set_params
-from userlens.cli import load_flow
+from conftest import make_project, run, set_params
+from userlens.cli import cli, load_flow
+from userlens.embeddings import read_embeddings
 from userlens.errors import ValidationFailed
+from userlens.locking import LockHeld, project_lock
 from userlens.project import Project
+from userlens.registry import Registry
 
 pytestmark = pytest.mark.integration
+CACHED_STEPS = ("ingest", "validate", "sequences", "pretrain", "baselines", "evaluate")
 
 
-def read_artifact(key: str):
+def latest_artifact(key: str) -> str:
+    """The data of the newest artifact with this key."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    return found
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC
+        )
+    return found[0].data
 
 
 def flow_runs_by_state():
@@ -32,28 +42,91 @@ def flow_runs_by_state():
         return [run.state.type.value for run in client.read_flow_runs()]
 
 
-def test_flow_runs_end_to_end_and_publishes_a_summary(prefect_server, project):
-    flow = load_flow(Project(project))
-    results = flow(project_dir=str(project), progress=False)
+def task_states(state) -> dict[str, str]:
+    """Task run name -> state name ("Completed", "Cached", ...) of the flow run that ended in `state`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return {run.name: run.state.name for run in client.read_task_runs(flow_run_filter=flow_run)}
+
+
+def served(project, user_ids: list[str]):
+    from userlens import feature_store
+
+    params = Project(project).load_params()
+    return feature_store.reader(Project(project), params).get(user_ids)
+
+
+def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(prefect_server, project):
+    flow = load_flow(Project(project))
+    state = flow(project_dir=str(project), progress=False, return_state=True)
+    assert state.is_completed() and state.name == "Completed"
+    results = state.result()
+
+    # Data and learning, as before.
     rows = results["ingest"]["rows"]
-    assert rows["users"] == 200 and rows["interactions"] > 200 * 5
-    assert results["sequences"]["n_users"] == 200
-    assert results["sequences"]["raw_dvc_hash"] == results["raw_dvc_hash"]
-    summary = (project / "reports/data_summary.md").read_text()
-    assert f"{rows['interactions']:,}" in summary and "passed" in summary
-    artifacts = read_artifact("data-summary")
-    assert artifacts and f"{rows['interactions']:,}" in artifacts[-1].data
-    assert results["pretrain"]["model_version"].startswith("barlow_twins-")
+    assert rows["users"] == 200 and results["sequences"]["raw_dvc_hash"] == results["raw_dvc_hash"]
+    assert f"{rows['interactions']:,}" in latest_artifact("data-summary")
     assert set(results["baselines"]) == {"dual_encoder", "als", "handcrafted", "random"}
-    metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(metrics["favourite_category"]) == {"barlow_twins", "dual_encoder", "als", "handcrafted", "random"}
-    assert "favourite_category" in read_artifact("evaluation")[-1].data
-    assert "COMPLETED" in flow_runs_by_state()
+    assert "favourite_category" in latest_artifact("evaluation")
+
+    # Gate -> register -> promote: the candidate is the production version and is served online.
+    version = results["pretrain"]["model_version"]
+    assert results["gate"]["passed"] and results["gate"]["model_version"] == version
+    assert json.loads((project / "reports/gate.json").read_text())["passed"] is True
+    registry = Registry(Project(project))
+    assert registry.production().version == version and results["promote"]["promoted"]
+    ids, exported = read_embeddings(registry.production().embeddings)
+    vectors, found, served_version = served(project, ids[:5])
+    assert found.all() and served_version == version and np.allclose(vectors, exported[:5])
+    report = latest_artifact("run-report")
+    assert "PROMOTE" in report and f"userlens lookup {ids[0]}" in report and "data_docs" in report
+    table = json.loads(latest_artifact("metrics"))
+    assert any(r["task"] == "favourite_category" and r["method"] == "barlow_twins" for r in table)
+
+    # A second run with nothing changed skips every expensive step.
+    again = flow(project_dir=str(project), progress=False, return_state=True)
+    states = task_states(again)
+    assert {step: states[step] for step in CACHED_STEPS} == {step: "Cached" for step in CACHED_STEPS}
+    assert again.result()["pretrain"] == results["pretrain"] and again.result()["gate"]["passed"]
+    assert "already in production" in again.result()["promote"]["message"]
+
+    # A degraded candidate (it sees only each user's last event) is blocked: a named, non-crash end
+    # state; production and the online store stay as they were.
+    set_params(project, {"sequences": {"max_length": 1}})
+    blocked = flow(project_dir=str(project), progress=False, return_state=True)
+    assert blocked.is_completed() and blocked.name == "Blocked"
+    assert blocked.message.startswith("gate blocked") and "regression" in blocked.message
+    decision = blocked.result()["gate"]
+    assert not decision["passed"] and decision["model_version"] != version
+    assert any(c["rule"] == "max_regression" and not c["passed"] for c in decision["checks"])
+    assert "promote" not in blocked.result()
+    assert registry.production().version == version
+    assert registry.get(decision["model_version"]).gate_passed is False  # registered, with its decision
+    after, found_after, version_after = served(project, ids[:5])
+    assert version_after == version and np.array_equal(after, vectors)
+    assert "BLOCKED" in latest_artifact("run-report")
+    assert "Blocked" in flow_names_of_runs()
+
+    # The CLI tells the same story and exits 0.
+    result = CliRunner().invoke(cli, ["--project", str(project), "promote"])
+    assert result.exit_code == 0 and "not promoted: the gate blocked" in result.output
+    listing = CliRunner().invoke(cli, ["--project", str(project), "models"])
+    assert listing.exit_code == 0 and f"*{version}" in listing.output and "blocked" in listing.output
+
+
+def flow_names_of_runs() -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return [run.state.name for run in client.read_flow_runs()]
 
 
 def test_flow_stops_at_failed_validation_and_keeps_sequences(prefect_server, project):
     flow = load_flow(Project(project))
+    set_params(project, {"pretrain": {"epochs": 1}})
     flow(project_dir=str(project), progress=False)
     sequences_before = (project / "data/sequences/sequences.parquet").read_bytes()
 
@@ -89,8 +162,6 @@ def test_flow_retries_only_transient_failures(project):
 def test_userlens_run_reports_expected_failures_without_traceback(prefect_server, project):
     from prefect.settings import PREFECT_API_URL
 
-    from conftest import run
-
     set_params(project, {"data": {"rating_scale": [1, 3]}})
     done = run(
         [sys.executable, "-m", "userlens", "--project", str(project), "run", "--no-progress"],
@@ -102,3 +173,49 @@ def test_userlens_run_reports_expected_failures_without_traceback(prefect_server
     assert "rows outside the rating scale [1, 3]" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (project / "data/sequences").exists()
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(prefect_server, project):
+    flow = load_flow(Project(project))
+    with project_lock(Project(project), "the first run"):
+        with pytest.raises(LockHeld, match=r"another userlens run \(pid \d+, started at .*\) holds the lock"):
+            flow(project_dir=str(project), progress=False)
+        refused = CliRunner().invoke(cli, ["--project", str(project), "rollback"])
+        assert refused.exit_code == 2 and "another userlens run" in refused.output
+    assert not (project / "data/raw").exists()  # the refused run touched nothing
+
+
+def test_scheduled_deployments_are_created_with_their_cron(prefect_server, project):
+    from prefect.client.orchestration import get_client
+
+    for deployment in load_flow(Project(project), "deployments")(str(project)):
+        deployment.apply()
+    with get_client(sync_client=True) as client:
+        daily = client.read_deployment_by_name("training_pipeline/daily")
+        refresh = client.read_deployment_by_name("refresh_pipeline/refresh")
+    assert [s.schedule.cron for s in daily.schedules] == ["0 3 * * *"]
+    assert [s.schedule.cron for s in refresh.schedules] == ["0 * * * *"]
+    assert daily.parameters["project_dir"] == str(project.resolve())
+    assert daily.entrypoint.endswith("flows/training_pipeline.py:training_pipeline")
+
+
+@pytest.mark.slow
+def test_dvc_repro_and_the_flow_reach_the_same_decision_and_embeddings(prefect_server, tmp_path):
+    flowed = make_project(tmp_path / "flow")
+    state = load_flow(Project(flowed))(project_dir=str(flowed), progress=False, return_state=True)
+    assert state.is_completed()
+
+    repro = make_project(tmp_path / "repro")
+    run([sys.executable, "-m", "userlens", "--project", str(repro), "fetch", "--no-progress"], repro)
+    out = run([sys.executable, "-m", "dvc", "repro"], repro).stdout
+    for stage in ("gate", "register", "materialize"):
+        assert f"Running stage '{stage}'" in out
+
+    decisions = [json.loads((p / "reports/gate.json").read_text()) for p in (flowed, repro)]
+    assert decisions[0]["passed"] == decisions[1]["passed"] is True
+    assert decisions[0]["model_version"] == decisions[1]["model_version"]
+    assert [c["value"] for c in decisions[0]["checks"]] == [c["value"] for c in decisions[1]["checks"]]
+    (ids_a, a), (ids_b, b) = (read_embeddings(p / "data/embeddings/barlow_twins.parquet") for p in (flowed, repro))
+    # Same model version and metrics; the vectors agree up to float summation order (CPU thread pools).
+    assert ids_a == ids_b and np.allclose(a, b, atol=2e-3)
+    assert Registry(Project(repro)).production().version == decisions[1]["model_version"]

@@ -64,6 +64,23 @@ def test_baselines_and_evaluation_find_the_planted_structure(trained):
     assert "barlow_twins" in (project.reports_dir / "report.md").read_text()
 
 
+def test_finetuning_is_reported_beside_the_probes_on_the_same_splits(trained):  # after the baselines test
+    project, params, _ = trained
+    params = params.with_overrides(
+        {"evaluate.label_fractions": [0.25, 1.0], "evaluate.seeds": 2, "evaluate.probes": ["logreg"],
+         "evaluate.finetune": {"enabled": True, "label_fractions": [1.0], "epochs": 3}}
+    )  # fmt: skip
+    stages.evaluate(project, params, progress=False)
+    favourite = json.loads((project.reports_dir / "metrics.json").read_text())["favourite_category"]
+    for method in ("barlow_twins", "dual_encoder"):
+        tuned, probed = favourite[method]["finetune"]["1.0"], favourite[method]["logreg"]["1.0"]
+        assert (tuned["n_labelled"], tuned["n_test"]) == (probed["n_labelled"], probed["n_test"])
+        assert len(tuned["per_seed"]) == 2
+    assert "finetune" not in favourite["als"]  # no encoder to fine-tune
+    assert favourite["barlow_twins"]["finetune"]["1.0"]["mean"] > 2.5 / 8  # far above chance (8 classes)
+    assert "favourite_category · finetune" in (project.reports_dir / "report.md").read_text()
+
+
 def test_rerun_with_same_settings_reuses_the_finished_run(trained):  # last: it retrains
     project, params, manifest = trained
     before = read_embeddings(project.root / "data/embeddings/barlow_twins.parquet")[1]
@@ -108,3 +125,18 @@ def test_barlow_twins_resume_after_a_kill_matches_an_uninterrupted_run(small_seq
     assert straight.keys() == resumed.keys()
     for name, tensor in straight.items():
         assert torch.equal(tensor, resumed[name]), name
+
+
+def test_a_model_is_retrained_only_when_its_own_settings_change(tmp_path):
+    from userlens.config import Params
+
+    project, sequences = Project(tmp_path), {"raw_dvc_hash": "raw", "params_hash": "seq"}
+    params = Params()
+    other_views = params.with_overrides({"augment.crop_prob": 0.1})
+
+    def run_key(method, p):
+        return (stages._model_dir(project, method, p, sequences) / stages.RUN_KEY).read_text()
+
+    assert run_key("dual_encoder", params) == run_key("dual_encoder", other_views)  # no augmentation in its loss
+    assert run_key("barlow_twins", params) != run_key("barlow_twins", other_views)
+    assert run_key("dual_encoder", params) != run_key("dual_encoder", params.with_overrides({"pretrain.lr": 0.01}))

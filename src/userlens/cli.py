@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import yaml
 
 from userlens.config import MOVIELENS_DATASETS, Params, load_params
@@ -312,8 +313,311 @@ def run(obj: Context, no_progress, as_json):
             "  data/embeddings/<method>.parquet              user embeddings\n"
             "  data/models/<method>/curves.csv               training curves\n"
             "  data/sequences/                               training sequences\n"
-            "  reports/data_summary.md, reports/data_docs/   data summary and validation (GX Data Docs)"
+            "  reports/data_summary.md, reports/data_docs/   data summary and validation (GX Data Docs)\n"
+            "  reports/gate.json, reports/run_report.md      gate decision, run report (also Prefect artifacts)\n"
+            "  data/registry/                                model versions and the production alias"
         )
+        _echo_release(obj.project, summary)
+
+
+def _echo_release(project: Project, summary: dict) -> None:
+    """What the run released: the gate decision, where the report is, and a lookup that works."""
+    from userlens.run_report import example_user
+
+    decision = summary["gate"]
+    click.secho(decision["summary"], fg="green" if decision["passed"] else "yellow")
+    if "promote" in summary:
+        click.echo(summary["promote"]["message"])
+    else:
+        click.echo("production and the online store are unchanged")
+    click.echo(f"report: {project.relative(project.run_report)}")
+    user = example_user(project)
+    if user is not None:
+        click.echo(f"try:    userlens lookup {user}")
+
+
+@cli.command()
+@click.pass_obj
+def gate(obj: Context):
+    """Judge the candidate's metrics against the gate rules (params.yaml `gate`) and production.
+
+    Writes reports/gate.json (decision + reasons per rule). A blocked candidate is a decision,
+    not an error: the exit code is 0 and the reasons are printed.
+
+    \b
+    Examples:
+      userlens gate
+      userlens --set gate.label_fraction=0.1 gate
+    """
+    from userlens import stages
+
+    decision = stages.gate(obj.project, obj.params())
+    click.echo(decision["summary"])
+    for check in decision["checks"]:
+        click.echo(f"  {'pass' if check['passed'] else 'FAIL'}  {check['reason']}")
+
+
+@cli.command()
+@click.pass_obj
+def register(obj: Context):
+    """Add the trained candidate to the registry (data/registry/versions/<version>/).
+
+    Keeps its encoder weights, settings, metrics, embeddings, provenance and gate decision;
+    registering the same version again changes nothing.
+
+    \b
+    Examples:
+      userlens register
+      userlens models
+    """
+    from userlens import stages
+
+    info = stages.register(obj.project, obj.params())
+    click.echo(f"registered {info['version']} in {info['path']}")
+
+
+@cli.command()
+@click.argument("version", required=False)
+@click.option("--force", is_flag=True, help="Promote even though the gate blocked the version.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def promote(obj: Context, version, force, no_progress):
+    """Publish a registered version to the online store, then make it the production version.
+
+    Without VERSION: the candidate of reports/gate.json, only if its gate passed (otherwise
+    prints why and changes nothing). A failed publish leaves production and the store as they were.
+
+    \b
+    Examples:
+      userlens promote                              # the candidate, if the gate passed
+      userlens promote barlow_twins-1a2b3c4d5e      # a registered version (its gate must have passed)
+      userlens promote barlow_twins-1a2b3c4d5e --force
+    """
+    from userlens import stages
+    from userlens.locking import project_lock
+
+    with project_lock(obj.project, "userlens promote"):
+        result = stages.promote(obj.project, obj.params(), version, force=force, progress=not no_progress)
+    click.echo(result["message"])
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def rollback(obj: Context, no_progress):
+    """Serve the previous production version again (online store first, then the production alias).
+
+    \b
+    Examples:
+      userlens rollback
+      userlens models
+    """
+    from userlens import stages
+    from userlens.locking import project_lock
+
+    with project_lock(obj.project, "userlens rollback"):
+        result = stages.rollback(obj.project, obj.params(), progress=not no_progress)
+    click.echo(result["message"])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+@click.pass_obj
+def models(obj: Context, as_json):
+    """List the registered model versions, their gate metrics and which one is in production.
+
+    \b
+    Examples:
+      userlens models
+      userlens models --json
+    """
+    from userlens.registry import Registry
+
+    rows = _model_rows(Registry(obj.project), obj.params())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no registered versions yet: run `userlens run` (or `userlens register`)")
+        return
+    tasks = sorted({task for row in rows for task in row["metrics"]})
+    click.echo("  ".join([f"{'version':<26}", f"{'created':<25}", "gate   ", *tasks]))
+    for row in rows:
+        scores = [f"{row['metrics'].get(t) or float('nan'):<{len(t)}.3f}" for t in tasks]
+        gate = {True: "passed", False: "blocked", None: "-"}[row["gate_passed"]]
+        star = "*" if row["production"] else " "
+        click.echo("  ".join([f"{star}{row['version']:<25}", f"{row['created_at']:<25}", f"{gate:<7}", *scores]))
+    click.echo(f"* production; accuracy of the {obj.params().gate.probe} probe at the gate's label fraction")
+
+
+def _model_rows(registry, params) -> list[dict]:
+    from userlens.evaluate import fraction_key
+
+    current = registry.production()
+    key, probe = fraction_key(params.gate.label_fraction), params.gate.probe
+    rows = []
+    for version in registry.versions():
+        metrics = {task: e[probe].get(key, {}).get("mean") for task, e in version.metrics.items() if probe in e}
+        rows.append(
+            {
+                "version": version.version,
+                "created_at": version.created_at,
+                "production": current is not None and current.version == version.version,
+                "gate_passed": version.gate_passed,
+                "raw_dvc_hash": version.manifest.get("raw_dvc_hash"),
+                "git_revision": version.manifest.get("git_revision"),
+                "metrics": metrics,
+            }
+        )
+    return rows
+
+
+@cli.command()
+@click.option("--cron", help="Cron schedule of training_pipeline [default: 0 3 * * *, daily at 03:00 UTC].")
+@click.option("--refresh-cron", help="Cron schedule of refresh_pipeline [default: 0 * * * *, hourly].")
+@click.pass_obj
+def deploy(obj: Context, cron, refresh_cron):
+    """Serve the scheduled deployments from this process (Ctrl-C stops them).
+
+    Creates `training_pipeline/daily` (cron) and `refresh_pipeline/refresh` on the Prefect server
+    of PREFECT_API_URL and runs their flow runs here. Start a server first:
+    `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
+    For work pools (e.g. a GPU pool) use prefect.yaml: `prefect deploy --all`.
+
+    \b
+    Examples:
+      userlens deploy
+      userlens deploy --cron "30 2 * * *" --refresh-cron "*/15 * * * *"
+    """
+    from prefect import serve
+
+    serve(*load_flow(obj.project, "deployments")(str(obj.project.root), cron, refresh_cron))
+
+
+# --- serving: the Feast online store (src/userlens/feature_store.py) ------------------------------
+
+
+@cli.command()
+@click.option("--version", "model_version", help="Model version the file holds [default: its model_version column].")
+@click.option(
+    "--embeddings",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Export Parquet to publish [default: data/embeddings/barlow_twins.parquet].",
+)
+@click.option("--incremental", is_flag=True, help="Refresh the served version from a re-export instead.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def materialize(obj: Context, model_version, embeddings, incremental, no_progress):
+    """Publish user embeddings to the Feast online store, with a consistent cut-over.
+
+    The version is written into the slot that is not served, checked, then the serving pointer
+    (data/feast/serving.json) flips to it; a failure on the way leaves the served version as it
+    was. --incremental writes only the users whose rows changed in a re-export of the served
+    version (Feast materialize_incremental).
+
+    \b
+    Examples:
+      userlens materialize
+      userlens materialize --embeddings data/embeddings/dual_encoder.parquet
+      userlens --set serving.online_store=redis materialize
+      userlens materialize --incremental
+    """
+    from userlens import feature_store
+
+    params = obj.params()
+    if incremental:
+        done = feature_store.refresh(obj.project, params, embeddings, progress=not no_progress)
+        click.echo(f"refreshed {done['model_version']} in slot {done['slot']}: {done['changed']:,} users changed")
+        return
+    path = embeddings or obj.project.embeddings_dir / "barlow_twins.parquet"
+    version = model_version or feature_store.export_version(path)
+    done = feature_store.publish(obj.project, params, version, path, progress=not no_progress)
+    click.echo(
+        f"serving {done['model_version']} from slot {done['slot']} ({done['users']:,} users, "
+        f"{done['users_per_s']:,.0f} users/s, {done['online_store']})"
+    )
+
+
+@cli.command()
+@click.argument("user_ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print version, found flags and full vectors as JSON.")
+@click.option("--fallback", type=click.Choice(["mean", "zeros", "none"]), help="Override serving.fallback.")
+@click.pass_obj
+def lookup(obj: Context, user_ids, as_json, fallback):
+    """Look users up in the online store (the served model version only).
+
+    Unknown users are flagged (found: false) and get the fallback vector.
+
+    \b
+    Examples:
+      userlens lookup 42 17
+      userlens lookup 42 --json
+    """
+    from userlens import feature_store
+
+    store = feature_store.reader(obj.project, obj.params(), fallback)
+    vectors, found, version = store.get(user_ids)
+    if as_json:
+        users = [
+            {"user_id": uid, "found": bool(ok), "embedding": None if np.isnan(vec).any() else vec.tolist()}
+            for uid, ok, vec in zip(user_ids, found, vectors, strict=True)
+        ]
+        click.echo(json.dumps({"model_version": version, "slot": store.pointer()["slot"], "users": users}))
+        return
+    click.echo(f"model version {version} (d={vectors.shape[1]})")
+    for uid, ok, vec in zip(user_ids, found, vectors, strict=True):
+        preview = ", ".join(f"{x:.4f}" for x in vec[:4])
+        click.echo(f"{uid}\t{'found' if ok else 'unknown (' + store.fallback + ')'}\t[{preview}, ...]")
+
+
+@cli.command()
+@click.argument("user_id")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="How many neighbours.")
+@click.option("--json", "as_json", is_flag=True, help="Print the neighbours as JSON.")
+@click.pass_obj
+def similar(obj: Context, user_id, k, as_json):
+    """The k users most similar to USER_ID (cosine of the served embeddings).
+
+    \b
+    Examples:
+      userlens similar 42
+      userlens similar 42 -k 5 --json
+    """
+    from userlens import feature_store
+
+    params = obj.params()
+    neighbours = feature_store.similar(obj.project, params, user_id, k)
+    version = feature_store.serving_state(obj.project, params)["model_version"]
+    if as_json:
+        rows = [{"user_id": uid, "score": score} for uid, score in neighbours]
+        click.echo(json.dumps({"user_id": user_id, "model_version": version, "neighbours": rows}))
+        return
+    click.echo(f"users most similar to {user_id} (model version {version}):")
+    for uid, score in neighbours:
+        click.echo(f"  {uid}\t{score:.4f}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default).")
+@click.option("--port", default=6566, show_default=True, type=int)
+@click.pass_obj
+def serve(obj: Context, host, port):
+    """Serve online features over HTTP: `feast serve` on this project's store.
+
+    \b
+    Examples:
+      userlens serve
+      curl -s -X POST http://127.0.0.1:6566/get-online-features -d \\
+        '{"feature_service": "user_embeddings_blue_service", "entities": {"user_id": ["42"]}}'
+    (the served slot, blue or green, is in data/feast/serving.json and `userlens lookup --json`)
+    """
+    import os
+    import subprocess
+
+    from userlens import feature_store
+
+    command, env = feature_store.serve_command(obj.project, obj.params(), host, port)
+    raise SystemExit(subprocess.call(command, env={**os.environ, **env}))
 
 
 class _ExpectedErrorFilter(logging.Filter):
@@ -330,8 +634,9 @@ def _hide_expected_tracebacks() -> None:
         logging.getLogger(name).addFilter(_ExpectedErrorFilter())
 
 
-def load_flow(project: Project):
-    """Import <project>/flows/training_pipeline.py, the flow definition Prefect deployments also use."""
+def load_flow(project: Project, name: str = "training_pipeline"):
+    """Import <project>/flows/training_pipeline.py, the flow definitions Prefect deployments also use;
+    returns its attribute `name` (a flow, or `deployments`)."""
     path = project.root / "flows" / "training_pipeline.py"
     if not path.exists():
         raise UserlensError(
@@ -339,8 +644,9 @@ def load_flow(project: Project):
         )
     spec = importlib.util.spec_from_file_location("userlens_flows_training_pipeline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Prefect finds a deployment's entrypoint through the module
     spec.loader.exec_module(module)
-    return module.training_pipeline
+    return getattr(module, name)
 
 
 def main() -> None:

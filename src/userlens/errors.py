@@ -32,3 +32,7 @@ class DownloadError(DataError):
     """A download failed on the network: trying again may help."""
 
     retryable = True
+
+
+class ServingError(UserlensError):
+    """The feature store cannot answer: nothing published yet, an unknown user, a failed publish."""

@@ -569,7 +569,7 @@ def evaluate_methods(
         for method in arrays:
             scores = per_seed[name][method]
             if task.kind == "ranking":
-                entry: dict[str, Any] = {metric: _summary(values) for metric, values in scores.items()}
+                entry: dict[str, Any] = {metric: summarise(values) for metric, values in scores.items()}
                 entry["scorer"] = "item_vectors" if method in item_vectors else "probe"
                 entry.update(sizes[name])
             else:
@@ -578,7 +578,7 @@ def evaluate_methods(
                     entry[probe] = {}
                     for fraction in fractions:
                         n_labelled, n_test = sizes[name][fraction]
-                        summary = _summary(scores[(probe, fraction)])
+                        summary = summarise(scores[(probe, fraction)])
                         entry[probe][fraction_key(fraction)] = {**summary, "n_labelled": n_labelled, "n_test": n_test}
             results[name][method] = entry
     log.info(
@@ -673,7 +673,7 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
+def summarise(values: list[float]) -> dict[str, Any]:
     array = np.asarray(values, dtype=np.float64)
     return {"mean": _num(array.mean()), "std": _num(array.std()), "per_seed": [_num(v) for v in array]}
 

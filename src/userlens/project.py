@@ -56,6 +56,22 @@ class Project:
     def data_summary(self) -> Path:
         return self.reports_dir / "data_summary.md"
 
+    @property
+    def registry_dir(self) -> Path:
+        return self.root / "data" / "registry"
+
+    @property
+    def gate_report(self) -> Path:
+        return self.reports_dir / "gate.json"
+
+    @property
+    def run_report(self) -> Path:
+        return self.reports_dir / "run_report.md"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "data" / ".userlens.lock"
+
     def relative(self, path: Path) -> str:
         try:
             return str(Path(path).resolve().relative_to(self.root))

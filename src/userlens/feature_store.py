@@ -1,0 +1,676 @@
+"""Serving user embeddings from Feast: blue/green slots, a serving pointer, lookups, similar users.
+
+The Feast repository (`feature_repo/`) defines two identical feature views, `user_embeddings_blue`
+and `user_embeddings_green`. A publish writes a model version into the slot that is *not*
+served, reads a sample back to check it, and only then flips the serving pointer
+(`data/feast/serving.json`, replaced atomically). Readers read the pointer, then only the
+served slot, and count a row whose `model_version` is not the pointer's as not found, so
+one batch never mixes two versions and a publish that fails half-way leaves the served
+version whole. Everything Feast and userlens keep lives beside the Feast registry
+(`data/feast/` of the project).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import functools
+import io
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from userlens.config import Params, ServingParams
+from userlens.errors import ConfigError, DataError, ServingError
+from userlens.io import read_json, save_array_atomic, utc_now, write_json_atomic
+from userlens.project import Project
+
+log = logging.getLogger(__name__)
+
+SLOTS = ("blue", "green")
+REDIS_URL_ENV = "USERLENS_REDIS_URL"  # set: serve from Redis at this URL, whatever params.yaml says
+FEATURES = ("embedding", "model_version", "n_events", "last_event_at")
+VERIFY_SAMPLE = 1000  # users read back from a freshly written slot before the pointer flips
+HISTORY = 20  # earlier publishes kept in the pointer
+SLOT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+        ("model_version", pa.string()),
+        ("n_events", pa.int64()),
+        ("last_event_at", pa.int64()),  # epoch seconds, UTC
+        ("event_timestamp", pa.timestamp("us", tz="UTC")),  # when the row entered the slot
+    ]
+)
+
+
+def view_name(slot: str) -> str:
+    return f"user_embeddings_{slot}"
+
+
+# --- where things live and how Feast is configured ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The Feast repository and the state beside its registry (data/feast/ of the project)."""
+
+    repo: Path
+    state: Path
+
+    @classmethod
+    def of(cls, repo: str | Path) -> Layout:
+        repo = Path(repo).resolve()
+        path = repo / "feature_store.yaml"
+        if not path.exists():
+            raise ServingError(f"{path}: no feature_store.yaml (serving.repo must name the Feast repository)")
+        registry = _read_yaml(path).get("registry")
+        registry = registry.get("path") if isinstance(registry, dict) else registry
+        if not registry:
+            raise ConfigError(f"{path}: no registry path")
+        return cls(repo, (repo / registry).resolve().parent)
+
+    @property
+    def pointer(self) -> Path:
+        return self.state / "serving.json"
+
+    def slot_parquet(self, slot: str) -> Path:
+        return self.state / "slots" / f"{slot}.parquet"
+
+    def slot_record(self, slot: str) -> Path:
+        """What a slot fully holds; absent while it is being written."""
+        return self.state / "slots" / f"{slot}.json"
+
+    def mean_file(self, version: str) -> Path:
+        return self.state / "means" / f"{version}.npy"
+
+
+def _read_yaml(path: Path) -> dict:
+    return yaml.safe_load(os.path.expandvars(path.read_text())) or {}
+
+
+def online_store_settings(serving: ServingParams) -> tuple[str, str | None]:
+    """(kind, Feast connection string): $USERLENS_REDIS_URL wins over params.yaml."""
+    url = os.environ.get(REDIS_URL_ENV) or serving.redis_url
+    if os.environ.get(REDIS_URL_ENV) or serving.online_store == "redis":
+        return "redis", redis_connection_string(url)
+    return "sqlite", None
+
+
+def redis_connection_string(url: str | None) -> str:
+    """redis://[user:password@]host:port[/db] -> Feast's `host:port,db=N,password=...` form."""
+    if not url:
+        return "localhost:6379"
+    if "://" not in url:
+        return url  # already Feast's form
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"serving.redis_url {url!r}: expected redis://host:port[/db]")
+    conn = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+    extras = {"db": parts.path.strip("/"), "username": parts.username, "password": parts.password}
+    conn += "".join(f",{key}={value}" for key, value in extras.items() if value)
+    return conn + (",ssl=true" if parts.scheme == "rediss" else "")
+
+
+def repo_config(layout: Layout, serving: ServingParams, absolute: bool = False):
+    """feature_store.yaml with the online store params.yaml / the environment ask for.
+
+    Redis writes skip Feast's per-key timestamp check: the slot, not time, decides what is
+    current, and a rollback rewrites older rows over newer ones on purpose.
+    """
+    from feast import RepoConfig
+
+    raw = _read_yaml(layout.repo / "feature_store.yaml")
+    kind, connection = online_store_settings(serving)
+    if kind == "redis":
+        raw["online_store"] = {"type": "redis", "connection_string": connection, "skip_dedup": True}
+    if absolute:  # for a config shipped without its folder (feast serve via FEATURE_STORE_YAML_BASE64)
+        registry = raw["registry"]
+        registry["path"] = str((layout.repo / registry["path"]).resolve())
+        if kind == "sqlite":
+            raw["online_store"]["path"] = str((layout.repo / raw["online_store"]["path"]).resolve())
+        return raw
+    return RepoConfig(repo_path=layout.repo, **raw)
+
+
+def _store_identity(config) -> str:
+    """Which physical online store a slot record refers to (no credentials)."""
+    online = config.online_store
+    if online.type == "redis":
+        return "redis:" + ",".join(p for p in online.connection_string.split(",") if not p.startswith("password="))
+    return f"sqlite:{(config.repo_path / online.path).resolve()}"
+
+
+def open_store(layout: Layout, serving: ServingParams):
+    from feast import FeatureStore
+
+    return FeatureStore(repo_path=str(layout.repo), config=repo_config(layout, serving))
+
+
+def definitions(layout: Layout) -> list:
+    """The Feast objects defined in the repository's .py files (what `feast apply` collects)."""
+    import importlib.util
+
+    from feast import Entity, FeatureService, FeatureView
+
+    objects = []
+    for path in sorted(layout.repo.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"_userlens_feature_repo_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        objects += [v for v in vars(module).values() if isinstance(v, Entity | FeatureView | FeatureService)]
+    return objects
+
+
+def apply_definitions(store, layout: Layout) -> None:
+    """`feast apply` through the Python API (feast's own apply changes the working directory)."""
+    store.apply(definitions(layout))
+
+
+# --- publish: standby slot, verify, flip ----------------------------------------------------------
+
+
+def publish(
+    project: Project,
+    params: Params,
+    model_version: str,
+    embeddings: Path,
+    progress: bool = False,
+    chunk_users: int = 10_000,
+) -> dict:
+    """Serve `model_version` (its export Parquet `embeddings`) with a consistent cut-over.
+
+    Writes it into the standby slot, reads a sample back, then flips the pointer. If the standby
+    slot already fully holds this version (a rollback to the previous version), it only checks
+    and flips. Any failure before the flip leaves the served version as it was.
+    """
+    layout = Layout.of(project.root / params.serving.repo)
+    layout.state.mkdir(parents=True, exist_ok=True)  # Feast creates the registry file, not its folder
+    store = open_store(layout, params.serving)  # the first one imports Feast (seconds): not timed
+    started = time.perf_counter()
+    published_at = datetime.now(UTC).replace(microsecond=0)
+    table = slot_table(Path(embeddings), model_version, project.sequences_dir, published_at)
+    with _lock(layout):
+        pointer = read_pointer(layout)
+        slot = SLOTS[0] if pointer is None else SLOTS[1 - SLOTS.index(pointer["slot"])]
+        apply_definitions(store, layout)
+        identity = _store_identity(store.config)
+        record = read_json(layout.slot_record(slot)) if layout.slot_record(slot).exists() else {}
+        reused = record == {"model_version": model_version, "users": table.num_rows, "store": identity}
+        if not reused:
+            _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
+        verify_slot(store, slot, table)
+        write_json_atomic(layout.slot_record(slot), {"model_version": model_version, "users": table.num_rows,
+                                                     "store": identity})  # fmt: skip
+        vectors = _vectors(table["embedding"])
+        layout.mean_file(model_version).parent.mkdir(parents=True, exist_ok=True)
+        save_array_atomic(layout.mean_file(model_version), vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
+        history = ([_summary(pointer)] + pointer.get("history", []))[:HISTORY] if pointer else []
+        new_pointer = {
+            "slot": slot,
+            "model_version": model_version,
+            "users": table.num_rows,
+            "dim": int(vectors.shape[1]),
+            "online_store": store.config.online_store.type,
+            "published_at": published_at.isoformat(),
+            "source": str(Path(embeddings).resolve()),
+            "history": history,
+        }
+        write_json_atomic(layout.pointer, new_pointer)  # the cut-over: one atomic rename
+    seconds = time.perf_counter() - started
+    log.info("serving %s from slot %s (%d users, %.1f s)", model_version, slot, table.num_rows, seconds)
+    return {
+        "model_version": model_version,
+        "slot": slot,
+        "users": table.num_rows,
+        "rewritten": not reused,
+        "seconds": round(seconds, 3),
+        "users_per_s": round(table.num_rows / seconds, 1) if seconds else None,
+        "online_store": store.config.online_store.type,
+    }
+
+
+def _summary(pointer: dict) -> dict:
+    return {key: pointer[key] for key in ("slot", "model_version", "users", "published_at")}
+
+
+def _chunk_written(slot: str, written: int, total: int) -> None:
+    """Called after each chunk a publish writes: the seam where tests inject a failure half-way."""
+
+
+def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime, progress: bool, chunk: int) -> None:
+    """Slot Parquet (the view's offline source) + online rows, in chunks through the online store's write.
+
+    Each chunk goes to the provider's `online_write_batch` (Feast's online-store interface, so
+    Feast's storage format) as the rows `online_rows` builds straight from Arrow: what
+    write_to_online_store does, without its generic pandas -> proto conversion (~40% of its
+    time). verify_slot then reads a sample back through get_online_features. Recording the
+    interval afterwards lets `refresh` continue with materialize_incremental.
+    """
+    from tqdm import tqdm
+
+    layout.slot_record(slot).unlink(missing_ok=True)  # from here on the slot holds nothing trusted
+    path = layout.slot_parquet(slot)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet_atomic(path, table)
+    view = store.get_feature_view(view_name(slot))
+    provider = store._get_provider()
+    total = table.num_rows
+    with tqdm(total=total, desc=f"materialize {view.name}", unit="user", disable=not progress) as bar:
+        for start in range(0, total, chunk):
+            part = table.slice(start, chunk)
+            provider.online_write_batch(store.config, view, online_rows(view, part), None)
+            bar.update(part.num_rows)
+            _chunk_written(slot, start + part.num_rows, total)
+    store.registry.apply_materialization(view, store.project, at - timedelta(seconds=1), at + timedelta(seconds=1))
+
+
+def online_rows(view, table: pa.Table) -> list[tuple]:
+    """Slot rows as the online store's input: what write_to_online_store's conversion makes of them.
+
+    One (EntityKeyProto, {feature: ValueProto}, event time, None) per user, features in the
+    view's order: user_id a string entity value, embedding a float_list_val holding the float32
+    bits as they are, model_version a string_val, the Int64 scalars int64_val, a null an empty
+    ValueProto. Equal values share one (read-only) ValueProto. tests/test_feature_store.py
+    checks the rows against Feast's own conversion.
+    """
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    names = [f.name for f in view.features]
+    if sorted(names) != sorted(FEATURES) or [c.name for c in view.entity_columns] != ["user_id"]:
+        raise ServingError(f"feature view {view.name}: features {names}, expected {list(FEATURES)} keyed by user_id")
+    vectors = np.ascontiguousarray(_vectors(table["embedding"]), dtype="<f4")
+    head = _float_list_head(vectors.shape[1])
+    encoded = np.empty((table.num_rows, len(head) + vectors.itemsize * vectors.shape[1]), np.uint8)
+    encoded[:, : len(head)] = np.frombuffer(head, np.uint8)
+    encoded[:, len(head) :] = vectors.view(np.uint8)
+    data, width, parse = encoded.tobytes(), encoded.shape[1], ValueProto.FromString
+    columns = {
+        "embedding": [parse(data[i : i + width]) for i in range(0, len(data), width)],
+        "model_version": _per_row(table["model_version"], _value_maker("string_val")),
+        "n_events": _per_row(table["n_events"], _value_maker("int64_val")),
+        "last_event_at": _per_row(table["last_event_at"], _value_maker("int64_val")),
+    }
+    keys = [EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(string_val=u)])
+            for u in table["user_id"].to_pylist()]  # fmt: skip
+    features = [dict(zip(names, values, strict=True)) for values in zip(*(columns[n] for n in names), strict=True)]
+    times = _per_row(table["event_timestamp"], lambda t: t)  # tz-aware UTC: the stores convert it as Feast's rows
+    return list(zip(keys, features, times, [None] * table.num_rows, strict=True))
+
+
+def _per_row(column: pa.ChunkedArray, make) -> list:
+    """make(value) for each row, called once per distinct value (None for a null): equal values share one object."""
+    encoded = column.combine_chunks().dictionary_encode()
+    distinct = [make(value) for value in encoded.dictionary.to_pylist()] + [make(None)]
+    return [distinct[i] for i in pc.fill_null(encoded.indices, len(distinct) - 1).to_pylist()]
+
+
+def _value_maker(field: str):
+    """value -> ValueProto with `field` set (what Feast makes of a scalar), empty for a null."""
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    return lambda x: ValueProto() if x is None else ValueProto(**{field: x})
+
+
+@functools.cache
+def _float_list_head(dim: int) -> bytes:
+    """The wire bytes before the floats of a serialised ValueProto(float_list_val=FloatList(val=[dim floats]))."""
+    from feast.protos.feast.types.Value_pb2 import FloatList
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    template = ValueProto(float_list_val=FloatList(val=[0.0] * dim)).SerializeToString()
+    return template[: len(template) - 4 * dim]  # packed floats come last, 4 bytes each (little-endian)
+
+
+def _decode_embeddings(values: list, dim: int) -> np.ndarray:
+    """[n, dim] float32 from embedding ValueProtos, bit for bit (their wire bytes, not Python floats)."""
+    head = _float_list_head(dim)
+    width = len(head) + 4 * dim
+    data = [value.SerializeToString() for value in values]
+    raw = np.frombuffer(b"".join(data), np.uint8)
+    if any(len(b) != width for b in data) or not (raw.reshape(-1, width)[:, : len(head)] == list(head)).all():
+        raise ServingError(f"the online store holds embeddings that are not {dim} float32 values")
+    return raw.reshape(-1, width)[:, len(head) :].copy().view("<f4").astype(np.float32, copy=False)
+
+
+def verify_slot(store, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) -> None:
+    """Read up to `sample` users (always the first and the last) back: same version, same bits."""
+    n = table.num_rows
+    rows = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
+    ids = table["user_id"].take(rows).to_pylist()
+    expected = _vectors(table["embedding"].take(rows))
+    version = table["model_version"][0].as_py()
+    got = _read_online(store, view_name(slot), ids, ("embedding", "model_version"))
+    bad = [
+        uid
+        for i, uid in enumerate(ids)
+        if got["model_version"][i] != version
+        or got["embedding"][i] is None
+        or not np.array_equal(np.asarray(got["embedding"][i], np.float32), expected[i])
+    ]
+    if bad:
+        raise ServingError(
+            f"slot {slot}: {len(bad)} of {len(ids)} users read back do not hold {version} (e.g. {bad[:3]}); "
+            "the served version is unchanged"
+        )
+
+
+@contextlib.contextmanager
+def _lock(layout: Layout) -> Iterator[None]:
+    """One publish or refresh at a time per store (a second one fails fast)."""
+    layout.state.mkdir(parents=True, exist_ok=True)
+    with open(layout.state / ".publish.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServingError(f"another publish or refresh is running ({layout.state / '.publish.lock'})") from None
+        yield
+
+
+# --- the slot table: export columns + per-user scalars ---------------------------------------------
+
+
+def slot_table(embeddings: Path, model_version: str, sequences_dir: Path, at: datetime) -> pa.Table:
+    """An export Parquet of `model_version` as slot rows (scalars from data/sequences where present)."""
+    try:
+        export = pq.read_table(embeddings, columns=["user_id", "embedding", "model_version"])
+    except FileNotFoundError:
+        raise DataError(f"{embeddings}: no such embeddings file") from None
+    except (pa.ArrowInvalid, KeyError) as exc:
+        raise DataError(f"{embeddings}: not an embeddings export (user_id, embedding, model_version): {exc}") from None
+    if export.num_rows == 0:
+        raise DataError(f"{embeddings}: no users")
+    versions = set(export["model_version"].unique().to_pylist())
+    if versions != {model_version}:
+        raise DataError(f"{embeddings}: holds model version(s) {sorted(map(str, versions))}, not {model_version!r}")
+    if pc.count_distinct(export["user_id"]).as_py() != export.num_rows or export["user_id"].null_count:
+        raise DataError(f"{embeddings}: user_id has duplicates or nulls")
+    if export["embedding"].null_count:
+        raise DataError(f"{embeddings}: {export['embedding'].null_count} users have no embedding")
+    lengths = pc.list_value_length(export["embedding"])
+    if pc.min_max(lengths)["min"] != pc.min_max(lengths)["max"]:
+        raise DataError(f"{embeddings}: embeddings of different lengths")
+    frame = pl.from_arrow(export).with_columns(pl.col("embedding").cast(pl.List(pl.Float32)))
+    scalars = user_scalars(sequences_dir)
+    if scalars is not None:
+        frame = frame.join(scalars, on="user_id", how="left", maintain_order="left")
+    else:
+        frame = frame.with_columns(n_events=pl.lit(None, pl.Int64), last_event_at=pl.lit(None, pl.Int64))
+    frame = frame.with_columns(event_timestamp=pl.lit(at).cast(pl.Datetime("us", "UTC")))
+    return frame.select(SLOT_SCHEMA.names).to_arrow().cast(SLOT_SCHEMA)
+
+
+def user_scalars(sequences_dir: Path) -> pl.DataFrame | None:
+    """user_id, n_events (history + future), last_event_at (epoch s) from data/sequences, if built."""
+    users, sequences = sequences_dir / "users.parquet", sequences_dir / "sequences.parquet"
+    if not (users.exists() and sequences.exists()):
+        return None
+    counts = pl.read_parquet(users, columns=["user_index", "user_id", "n_history", "n_future"])
+    last = pl.read_parquet(sequences, columns=["user_index", "history_timestamp", "future_timestamp"]).select(
+        "user_index",
+        last_event_at=pl.max_horizontal(pl.col("history_timestamp").list.max(), pl.col("future_timestamp").list.max()),
+    )
+    return counts.join(last, on="user_index", how="left").select(
+        "user_id",
+        n_events=(pl.col("n_history") + pl.col("n_future")).cast(pl.Int64),
+        last_event_at=pl.col("last_event_at").cast(pl.Int64),
+    )
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(column), -1)
+
+
+def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_online(store, view: str, user_ids: list[str], features: Sequence[str]) -> dict[str, list]:
+    """One get_online_features call on one view."""
+    response = store.get_online_features(features=[f"{view}:{f}" for f in features], entity_rows={"user_id": user_ids})
+    return response.to_dict()
+
+
+# --- pointer, state, incremental refresh -------------------------------------------------------
+
+
+def read_pointer(layout: Layout) -> dict | None:
+    return read_json(layout.pointer) if layout.pointer.exists() else None
+
+
+def serving_state(project: Project, params: Params) -> dict | None:
+    """The serving pointer: slot, model_version, users, dim, online_store, published_at, history."""
+    return read_pointer(Layout.of(project.root / params.serving.repo))
+
+
+def refresh(project: Project, params: Params, embeddings: Path | None = None, progress: bool = False) -> dict:
+    """Bring the served slot up to date with a re-export of the *served* version (users with new events).
+
+    Rows whose vector or scalars changed (and new users) get a new timestamp in the slot Parquet;
+    Feast's materialize_incremental then writes only those to the online store. `embeddings`
+    defaults to the export in data/embeddings/ that holds the served version.
+    """
+    layout = Layout.of(project.root / params.serving.repo)
+    started = time.perf_counter()
+    with _lock(layout):
+        pointer = read_pointer(layout)
+        if pointer is None:
+            raise ServingError("nothing is served yet: run `userlens materialize` first")
+        version, slot = pointer["model_version"], pointer["slot"]
+        embeddings = Path(embeddings) if embeddings else _export_of(project, version)
+        store = open_store(layout, params.serving)
+        # Changed rows must fall inside the window materialize_incremental reads: [last end, now].
+        since = store.get_feature_view(view_name(slot)).most_recent_end_time
+        now = datetime.now(UTC)
+        if since is not None:
+            now = max(now, since if since.tzinfo else since.replace(tzinfo=UTC))
+        new = pl.from_arrow(slot_table(embeddings, version, project.sequences_dir, now))
+        old = pl.read_parquet(layout.slot_parquet(slot))
+        columns = ["embedding", "n_events", "last_event_at"]
+        joined = new.join(old.select("user_id", *columns), on="user_id", how="left", suffix="_old")
+        differs = pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_old")) for c in columns])
+        changed = joined.filter(differs).select(new.columns)
+        merged = pl.concat([old.join(changed, on="user_id", how="anti"), changed])
+        if changed.height:
+            _write_parquet_atomic(layout.slot_parquet(slot), merged.to_arrow().cast(SLOT_SCHEMA))
+            output = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
+            with output:  # materialize_incremental prints its progress
+                store.materialize_incremental(end_date=now + timedelta(seconds=1), feature_views=[view_name(slot)])
+            pointer.update(users=merged.height, refreshed_at=utc_now())
+            record = read_json(layout.slot_record(slot))
+            write_json_atomic(layout.slot_record(slot), {**record, "users": merged.height})
+            write_json_atomic(layout.pointer, pointer)
+    seconds = time.perf_counter() - started
+    return {"model_version": version, "slot": slot, "changed": changed.height, "users": merged.height,
+            "seconds": round(seconds, 3)}  # fmt: skip
+
+
+def export_version(path: Path) -> str:
+    """The model version an export Parquet holds (its first row's)."""
+    try:
+        first = pq.ParquetFile(path)
+        if first.metadata.num_rows == 0:
+            raise DataError(f"{path}: no users")
+        return first.read_row_group(0, columns=["model_version"])["model_version"][0].as_py()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such embeddings file") from None
+    except (pa.ArrowInvalid, KeyError) as exc:
+        raise DataError(f"{path}: not an embeddings export: {exc}") from None
+
+
+def _export_of(project: Project, version: str) -> Path:
+    for path in sorted(project.embeddings_dir.glob("*.parquet")):
+        if export_version(path) == version:
+            return path
+    raise ServingError(f"no export of the served version {version} in {project.relative(project.embeddings_dir)}")
+
+
+# --- reading: the serving client -----------------------------------------------------------------
+
+
+class UserEmbeddings:
+    """Embeddings of the served model version, for serving code.
+
+    >>> store = UserEmbeddings("feature_repo")
+    >>> vectors, found, version = store.get(["u1", "u2"])   # [2, d] float32, [2] bool, "barlow_twins-..."
+
+    Unknown users come back with found=False and the fallback vector: `mean` (the served
+    version's population mean), `zeros`, or `none` (NaN). A publish is seen without a restart.
+    """
+
+    def __init__(self, repo_path: str | Path, fallback: str = "mean", serving: ServingParams | None = None):
+        if fallback not in ("mean", "zeros", "none"):
+            raise ConfigError(f"fallback {fallback!r}: expected mean, zeros or none")
+        self.layout = Layout.of(repo_path)
+        self.fallback = fallback
+        self.serving = serving or ServingParams()
+        self._store = None
+        self._pointer: dict | None = None
+        self._pointer_key: tuple | None = None
+        self._means: dict[str, np.ndarray] = {}
+        self._views: dict[str, Any] = {}
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = open_store(self.layout, self.serving)
+        return self._store
+
+    def pointer(self) -> dict:
+        """The serving pointer, re-read only when the file changed (a publish replaces it)."""
+        try:
+            stat = self.layout.pointer.stat()
+        except FileNotFoundError:
+            raise ServingError(
+                f"nothing is served yet ({self.layout.pointer} missing): run `userlens materialize` first"
+            ) from None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if key != self._pointer_key:
+            self._pointer, self._pointer_key = read_json(self.layout.pointer), key
+            kind = online_store_settings(self.serving)[0]
+            if self._pointer["online_store"] != kind:
+                raise ServingError(
+                    f"the served version was published to {self._pointer['online_store']}, but this reader is "
+                    f"configured for {kind} (serving.online_store / ${REDIS_URL_ENV})"
+                )
+        return self._pointer
+
+    def get(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, str]:
+        """([n, d] float32, [n] found mask, model version), all from one model version."""
+        ids = [str(u) for u in user_ids]
+        pointer = self.pointer()
+        vectors, found = self._read(pointer, ids)
+        if not found.all() and self.pointer() is not pointer:  # a cut-over during the read: read again, once
+            pointer = self.pointer()
+            vectors, found = self._read(pointer, ids)
+        vectors[~found] = self._fallback(pointer)
+        return vectors, found, pointer["model_version"]
+
+    def get_one(self, user_id: str) -> tuple[np.ndarray | None, bool, str]:
+        vectors, found, version = self.get([user_id])
+        if not found[0] and self.fallback == "none":
+            return None, False, version
+        return vectors[0], bool(found[0]), version
+
+    def _read(self, pointer: dict, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One online_read of the served slot (the online store's own read, as get_online_features does)."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+        if not ids:
+            return np.empty((0, pointer["dim"]), np.float32), np.zeros(0, bool)
+        view = self._view(pointer["slot"])
+        keys = [EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(string_val=u)]) for u in ids]
+        rows = self.store._get_provider().online_read(self.store.config, view, keys, ["embedding", "model_version"])
+        version, dim = pointer["model_version"], pointer["dim"]
+        found = np.array([bool(f) and "model_version" in f and f["model_version"].string_val == version
+                          for _, f in rows], dtype=bool)  # fmt: skip
+        vectors = np.empty((len(ids), dim), np.float32)
+        hits = np.flatnonzero(found)
+        if hits.size:
+            vectors[hits] = _decode_embeddings([rows[i][1]["embedding"] for i in hits], dim)
+        return vectors, found
+
+    def _view(self, slot: str):
+        """The slot's FeatureView from the registry, once per reader (the definitions do not change)."""
+        if slot not in self._views:
+            self._views[slot] = self.store.get_feature_view(view_name(slot))
+        return self._views[slot]
+
+    def _fallback(self, pointer: dict) -> np.ndarray:
+        if self.fallback == "zeros":
+            return np.zeros(pointer["dim"], np.float32)
+        if self.fallback == "none":
+            return np.full(pointer["dim"], np.nan, np.float32)
+        version = pointer["model_version"]
+        if version not in self._means:
+            self._means[version] = np.load(self.layout.mean_file(version))
+        return self._means[version]
+
+
+def reader(project: Project, params: Params, fallback: str | None = None) -> UserEmbeddings:
+    return UserEmbeddings(project.root / params.serving.repo, fallback or params.serving.fallback, params.serving)
+
+
+# --- similar users: exact cosine over the served version ------------------------------------------
+
+
+def similar(project: Project, params: Params, user_id: str, k: int = 10) -> list[tuple[str, float]]:
+    """The k users nearest to `user_id` by cosine similarity, in the served version.
+
+    The query vector comes from the online store; the neighbours from an exact scan of the
+    served slot's Parquet (Feast 0.67's sqlite vector search only loads sqlite-vec on
+    Python 3.10, so it is not available here; see feature_repo/README.md).
+    """
+    embeddings = reader(project, params, fallback="none")
+    vector, found, version = embeddings.get_one(user_id)
+    if not found:
+        raise ServingError(f"unknown user {user_id!r}: not in the served version {version}")
+    pointer = embeddings.pointer()
+    table = pq.read_table(embeddings.layout.slot_parquet(pointer["slot"]), columns=["user_id", "embedding"])
+    matrix = _vectors(table["embedding"])
+    ids = table["user_id"].to_numpy(zero_copy_only=False)
+    norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(vector)), 1e-12)
+    scores = matrix @ vector / np.maximum(norms, 1e-12)
+    scores[ids == user_id] = -np.inf  # never the user itself
+    k = min(k, len(ids) - 1)
+    top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], np.int64)
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return [(str(ids[i]), float(scores[i])) for i in top]
+
+
+# --- feast serve ---------------------------------------------------------------------------------
+
+
+def serve_command(project: Project, params: Params, host: str, port: int) -> tuple[list[str], dict[str, Any]]:
+    """The `feast serve` command line and environment for this project's store (config passed inline)."""
+    import shutil
+    import sys
+
+    layout = Layout.of(project.root / params.serving.repo)
+    config = yaml.safe_dump(repo_config(layout, params.serving, absolute=True))
+    feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
+    env = {"FEATURE_STORE_YAML_BASE64": base64.b64encode(config.encode()).decode()}
+    return [feast, "serve", "--host", host, "--port", str(port)], env

@@ -1,0 +1,116 @@
+"""The report of one training run (reports/run_report.md, also a Prefect artifact) and its metrics table.
+
+It says what a person running the pipeline wants to know, in order: what data went in, whether it
+passed validation (and where Data Docs are), how the candidate did against the thresholds and the
+production version, what the gate decided and why, what was published online, and how to look a
+user up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from userlens.config import Params
+from userlens.evaluate import fraction_key
+from userlens.io import read_json
+
+
+def markdown(project, params: Params, results: dict[str, Any]) -> str:
+    decision = results.get("gate") or {}
+    lines = [f"# userlens run: {params.data.dataset} ({params.data.source})", ""]
+    if project.data_summary.exists():  # data summary, validation result and the path to Data Docs
+        summary = project.data_summary.read_text().splitlines()
+        lines += ["## Data and validation", "", *summary[1:], ""]
+    lines += [
+        f"## Metrics vs thresholds vs production ({decision.get('probe')} probe, "
+        f"{decision.get('label_fraction', 0) * 100:g}% labels)",
+        "",
+    ]
+    lines += _comparison(project, decision) + [""]
+    lines += [f"## Gate: {'PROMOTE' if decision.get('passed') else 'BLOCKED'} {decision.get('model_version', '')}", ""]
+    lines += [f"- {reason}" for reason in decision.get("reasons", [])] + [""]
+    lines += ["## Online store", "", *_materialized(results), ""]
+    user = example_user(project)
+    if user is not None:
+        lines += ["## Try it", "", "```", f"userlens lookup {user}", "```", ""]
+    return "\n".join(lines)
+
+
+def example_user(project) -> str | None:
+    """A real user id of the current data (the first in data/sequences/users.parquet)."""
+    path = project.sequences_dir / "users.parquet"
+    if not path.exists():
+        return None
+    ids = pl.read_parquet(path, columns=["user_id"], n_rows=1)["user_id"]
+    return str(ids[0]) if len(ids) else None
+
+
+def metrics_rows(project, params: Params) -> list[dict[str, Any]]:
+    """One row per task x method x label fraction (the gate's probe) and per ranking metric."""
+    path = project.reports_dir / "metrics.json"
+    if not path.exists():
+        return []
+    rows = []
+    for task, by_method in read_json(path).items():
+        for method, entry in by_method.items():
+            if "scorer" in entry:  # ranking task: one row per metric
+                for metric, stat in entry.items():
+                    if isinstance(stat, dict) and "mean" in stat:
+                        rows.append(_row(task, method, metric, "all", stat))
+                continue
+            for key, stat in entry.get(params.gate.probe, {}).items():
+                rows.append(_row(task, method, f"accuracy ({params.gate.probe})", key, stat))
+    return rows
+
+
+def _row(task: str, method: str, metric: str, fraction: str, stat: dict) -> dict[str, Any]:
+    mean, std = stat.get("mean"), stat.get("std")
+    return {
+        "task": task,
+        "method": method,
+        "metric": metric,
+        "label_fraction": fraction,
+        "mean": None if mean is None else round(mean, 4),
+        "std": None if std is None else round(std, 4),
+    }
+
+
+def _comparison(project, decision: dict) -> list[str]:
+    if not decision:
+        return ["(no gate decision)"]
+    metrics_path = project.reports_dir / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.exists() else {}
+    key = fraction_key(decision["label_fraction"])
+    probe, reference, baseline = decision["probe"], decision["reference"], decision["baseline"]
+    lines = ["| task | rule | candidate | baseline | threshold | result |", "|---|---|---|---|---|---|"]
+    for check in decision["checks"]:
+        by_method = metrics.get(check["task"], {})
+        lines.append(
+            f"| {check['task']} | {check['rule']} | {_mean(by_method, reference, probe, key)} | "
+            f"{_mean(by_method, baseline, probe, key)} | {_fmt(check['threshold'])} | "
+            f"{'pass' if check['passed'] else '**FAIL**'}: {check['reason']} |"
+        )
+    production = decision.get("production_version")
+    lines += ["", f"Production before this run: {production or 'none'}; baseline: {baseline}."]
+    return lines
+
+
+def _mean(by_method: dict, method: str, probe: str, key: str) -> str:
+    stat = by_method.get(method, {}).get(probe, {}).get(key)
+    return _fmt(stat["mean"]) if stat else "–"
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _materialized(results: dict) -> list[str]:
+    promoted = results.get("promote")
+    if promoted is None:
+        return ["Nothing published: the gate blocked the candidate; production and the online store are unchanged."]
+    lines = [promoted["message"]]
+    published = promoted.get("published") or {}
+    lines += [f"- {k}: {v}" for k, v in published.items() if isinstance(v, str | int | float | bool)]
+    return lines

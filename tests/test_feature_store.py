@@ -1,0 +1,344 @@
+"""The Feast online store with the real Feast (sqlite, and a real redis-server where installed).
+
+Every test builds a small project (a few hundred users, d=16): params.yaml, a copy of
+feature_repo/ and export Parquets written by the real export function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO, set_params
+from userlens import feature_store
+from userlens.cli import cli
+from userlens.embeddings import export_embeddings
+from userlens.errors import DataError, ServingError
+from userlens.project import Project
+
+pytestmark = pytest.mark.integration
+
+USERS, DIM = 300, 16
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real redis-server on a free loopback port, without persistence; killed afterwards."""
+    binary = shutil.which("redis-server", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/bin")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (Debian package redis-server); CI installs it")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def make_serving_project(root: Path, serving: dict | None = None) -> Project:
+    root.mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(REPO / "feature_repo", root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__"))
+    set_params(root, {"serving": serving or {}})
+    return Project(root)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_project(request, tmp_path) -> Project:
+    if request.param == "redis":
+        import redis
+
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()  # one server per module: start each test empty
+        serving = {"online_store": "redis", "redis_url": url}
+    return make_serving_project(tmp_path / "project", serving if request.param == "redis" else None)
+
+
+@pytest.fixture
+def sqlite_project(tmp_path) -> Project:
+    return make_serving_project(tmp_path / "project")
+
+
+def write_export(project: Project, version: str, seed: int, users: int = USERS) -> tuple[Path, list[str], np.ndarray]:
+    vectors = np.random.default_rng(seed).standard_normal((users, DIM)).astype(np.float32)
+    ids = [f"user-{i:04d}" for i in range(users)]
+    path = project.root / "registry" / f"{version}.parquet"
+    export_embeddings(path, ids, [vectors[:100], vectors[100:]], version, datetime.now(UTC))
+    return path, ids, vectors
+
+
+def reader(project: Project, fallback: str = "mean") -> feature_store.UserEmbeddings:
+    return feature_store.reader(project, project.load_params(), fallback)
+
+
+def publish(project: Project, version: str, path: Path, **kwargs) -> dict:
+    return feature_store.publish(project, project.load_params(), version, path, **kwargs)
+
+
+def test_publish_then_get_returns_the_exported_bits(sqlite_project):
+    path, ids, vectors = write_export(sqlite_project, "v1", seed=1)
+    summary = publish(sqlite_project, "v1", path)
+    assert summary["users"] == USERS and summary["model_version"] == "v1" and summary["online_store"] == "sqlite"
+
+    store = reader(sqlite_project)
+    order = [5, 0, 299, 17]
+    got, found, version = store.get([ids[i] for i in order] + ["nobody"])
+    assert version == "v1"
+    assert found.tolist() == [True, True, True, True, False]
+    assert got.dtype == np.float32 and got.shape == (5, DIM)
+    assert got[:4].tobytes() == vectors[order].tobytes()  # bitwise
+    np.testing.assert_array_equal(got[4], vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
+
+    assert np.all(reader(sqlite_project, "zeros").get(["nobody"])[0] == 0)
+    assert np.isnan(reader(sqlite_project, "none").get(["nobody"])[0]).all()
+    assert reader(sqlite_project, "none").get_one("nobody") == (None, False, "v1")
+    one, known, _ = store.get_one(ids[7])
+    assert known and one.tobytes() == vectors[7].tobytes()
+
+    state = feature_store.serving_state(sqlite_project, sqlite_project.load_params())
+    assert state["slot"] == "blue" and state["dim"] == DIM and state["users"] == USERS
+
+
+def test_slot_rows_carry_scalars_from_sequences(sqlite_project):
+    path, ids, _ = write_export(sqlite_project, "v1", seed=1, users=3)
+    seq = sqlite_project.sequences_dir
+    seq.mkdir(parents=True)
+    pl.DataFrame(
+        {"user_index": [0, 1, 2], "user_id": ids, "n_history": [4, 1, 2], "n_future": [1, 0, 1]}
+    ).write_parquet(seq / "users.parquet")
+    pl.DataFrame(
+        {
+            "user_index": [0, 1, 2],
+            "history_timestamp": [[1, 2, 3, 4], [50], [7, 8]],
+            "future_timestamp": [[9], [], [10]],
+        }
+    ).write_parquet(seq / "sequences.parquet")
+    table = feature_store.slot_table(path, "v1", seq, datetime.now(UTC))
+    assert table["n_events"].to_pylist() == [5, 1, 3]
+    assert table["last_event_at"].to_pylist() == [9, 50, 10]
+
+
+def test_online_rows_are_what_write_to_online_store_would_write(sqlite_project):
+    """The fast writer's rows equal Feast's own conversion in write_to_online_store (nulls included), byte for byte."""
+    path, ids, _ = write_export(sqlite_project, "v1", seed=1, users=5)
+    seq = sqlite_project.sequences_dir
+    seq.mkdir(parents=True)
+    pl.DataFrame({"user_index": [0, 1], "user_id": ids[:2], "n_history": [4, 0], "n_future": [1, 0]}).write_parquet(
+        seq / "users.parquet"
+    )
+    pl.DataFrame(
+        {"user_index": [0, 1], "history_timestamp": [[1, 2], []], "future_timestamp": [[9], []]}
+    ).write_parquet(seq / "sequences.parquet")
+    table = feature_store.slot_table(path, "v1", seq, datetime(2024, 5, 1, 12, tzinfo=UTC))
+    assert table["n_events"].null_count == 3 and table["last_event_at"].null_count == 4
+    params = sqlite_project.load_params()
+    layout = feature_store.Layout.of(sqlite_project.root / params.serving.repo)
+    (sqlite_project.root / "data" / "feast").mkdir(parents=True)
+    store = feature_store.open_store(layout, params.serving)
+    feature_store.apply_definitions(store, layout)
+    view = store.get_feature_view("user_embeddings_blue")
+    feast_rows = store._get_provider()._prep_rows_to_write_for_ingestion(view, table.to_pandas())
+    ours = feature_store.online_rows(view, table)
+    assert len(ours) == len(feast_rows) == 5
+    for (key, values, ts, created), (fkey, fvalues, fts, fcreated) in zip(ours, feast_rows, strict=True):
+        assert key.SerializeToString() == fkey.SerializeToString()
+        assert list(values) == list(fvalues)
+        assert {k: v.SerializeToString() for k, v in values.items()} == {
+            k: v.SerializeToString() for k, v in fvalues.items()
+        }
+        assert ts == fts.replace(tzinfo=UTC) and created is None and fcreated is None
+
+
+def test_cut_over_abort_and_rollback(store_project, monkeypatch):
+    """v1, v2 served in turn; a v3 publish that dies half-way leaves v2 whole; rollback serves v1 again."""
+    exports = {v: write_export(store_project, v, seed=i) for i, v in enumerate(["v1", "v2", "v3"], start=1)}
+    ids = exports["v1"][1]
+    store = reader(store_project)
+
+    def served(expected: str) -> None:
+        got, found, version = store.get(ids)
+        assert version == expected and found.all()
+        assert got.tobytes() == exports[expected][2].tobytes()
+
+    assert publish(store_project, "v1", exports["v1"][0])["slot"] == "blue"
+    served("v1")
+    assert publish(store_project, "v2", exports["v2"][0])["slot"] == "green"
+    served("v2")
+
+    def die_half_way(slot, written, total):
+        if written < total:
+            raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(feature_store, "_chunk_written", die_half_way)
+    with pytest.raises(RuntimeError, match="injected"):
+        publish(store_project, "v3", exports["v3"][0], chunk_users=100)
+    monkeypatch.undo()
+    served("v2")  # the v3 rows went into the standby slot (blue), which nobody reads
+    blue = store._read({"slot": "blue", "model_version": "v3", "dim": DIM}, ids)[1]
+    assert 0 < blue.sum() < USERS  # ... and it really was half-written
+
+    rollback = publish(store_project, "v1", exports["v1"][0])  # the previous version's Parquet again
+    assert rollback["slot"] == "blue" and rollback["rewritten"]  # blue held half of v3: rewritten
+    served("v1")
+    again = publish(store_project, "v2", exports["v2"][0])  # green still fully holds v2: flip only
+    assert again["slot"] == "green" and not again["rewritten"]
+    served("v2")
+    history = feature_store.serving_state(store_project, store_project.load_params())["history"]
+    assert [h["model_version"] for h in history] == ["v1", "v2", "v1"]
+
+
+def test_a_batch_never_mixes_versions(sqlite_project):
+    """Rows left in a slot by an older version count as not found, not as the served version."""
+    path1, ids, _ = write_export(sqlite_project, "v1", seed=1)
+    publish(sqlite_project, "v1", path1)  # blue: v1 for all users
+    path2, _, _ = write_export(sqlite_project, "v2", seed=2, users=100)
+    publish(sqlite_project, "v2", path2)  # green: v2 for 100 users
+    path3, _, v3 = write_export(sqlite_project, "v3", seed=3, users=50)
+    publish(sqlite_project, "v3", path3)  # blue: v3 for 50 users, v1 rows for the other 250 remain
+    got, found, version = reader(sqlite_project, "none").get(ids)
+    assert version == "v3" and found.sum() == 50 and found[:50].all()
+    assert got[:50].tobytes() == v3.tobytes() and np.isnan(got[50:]).all()
+
+
+def test_refresh_writes_only_changed_users(sqlite_project):
+    path, ids, vectors = write_export(sqlite_project, "v1", seed=1)
+    sqlite_project.embeddings_dir.mkdir(parents=True)
+    publish(sqlite_project, "v1", path)
+    changed = vectors.copy()
+    changed[:10] += 1.0
+    new_ids = [*ids, "newcomer"]
+    new_vectors = np.vstack([changed, np.ones((1, DIM), np.float32)])
+    export_embeddings(sqlite_project.embeddings_dir / "barlow_twins.parquet", new_ids, [new_vectors], "v1",
+                      datetime.now(UTC))  # fmt: skip
+    result = feature_store.refresh(sqlite_project, sqlite_project.load_params())
+    assert result["changed"] == 11 and result["users"] == USERS + 1
+    got, found, _ = reader(sqlite_project).get(new_ids)
+    assert found.all() and got.tobytes() == new_vectors.tobytes()
+
+
+def test_publish_refuses_bad_input(sqlite_project):
+    path, _, _ = write_export(sqlite_project, "v1", seed=1)
+    with pytest.raises(DataError, match="holds model version"):
+        publish(sqlite_project, "v2", path)
+    bad = sqlite_project.root / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(DataError, match="not an embeddings export"):
+        publish(sqlite_project, "v1", bad)
+    with pytest.raises(ServingError, match="nothing is served yet"):
+        reader(sqlite_project).get(["x"])
+
+
+def test_feast_plan_and_apply_from_the_folder(sqlite_project):
+    """The feast CLI's own plan and apply, run in the repository folder (one process: one slow feast import)."""
+    repo = sqlite_project.root / "feature_repo"
+    (sqlite_project.root / "data" / "feast").mkdir(parents=True)  # a clone has it (data/feast/.gitignore)
+    script = (
+        "from feast.cli.cli import cli\nfor verb in ('plan', 'apply'):\n    cli.main([verb], standalone_mode=False)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("Created feature view user_embeddings_blue") == 2  # planned, then applied
+    store = feature_store.open_store(feature_store.Layout.of(repo), sqlite_project.load_params().serving)
+    assert {fs.name for fs in store.list_feature_services()} == {
+        "user_embeddings_blue_service",
+        "user_embeddings_green_service",
+    }
+
+
+def test_cli_lookup_and_similar(sqlite_project):
+    path, ids, vectors = write_export(sqlite_project, "v1", seed=1)
+    runner = CliRunner()
+    base = ["--project", str(sqlite_project.root)]
+    done = runner.invoke(cli, [*base, "materialize", "--embeddings", str(path), "--no-progress"])
+    assert done.exit_code == 0, done.output
+    assert "v1" in done.output
+
+    done = runner.invoke(cli, [*base, "lookup", ids[3], "stranger", "--json"])
+    assert done.exit_code == 0, done.output
+    answer = json.loads(done.output)
+    assert answer["model_version"] == "v1"
+    assert [u["found"] for u in answer["users"]] == [True, False]
+    assert np.array(answer["users"][0]["embedding"], np.float32).tobytes() == vectors[3].tobytes()
+
+    done = runner.invoke(cli, [*base, "similar", ids[3], "-k", "5", "--json"])
+    assert done.exit_code == 0, done.output
+    got = json.loads(done.output)["neighbours"]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = unit @ unit[3]
+    scores[3] = -np.inf
+    expected = np.argsort(-scores)[:5]
+    assert [n["user_id"] for n in got] == [ids[i] for i in expected]
+    np.testing.assert_allclose([n["score"] for n in got], scores[expected], rtol=1e-5)
+
+    done = runner.invoke(cli, [*base, "similar", "stranger"])
+    assert done.exit_code == 2 and "unknown user 'stranger'" in done.output and "Traceback" not in done.output
+
+
+def test_feast_serve_answers_over_http(sqlite_project):
+    path, ids, vectors = write_export(sqlite_project, "v1", seed=1)
+    state = publish(sqlite_project, "v1", path)
+    port = free_port()
+    cmd, env = feature_store.serve_command(sqlite_project, sqlite_project.load_params(), "127.0.0.1", port)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/get-online-features",
+            data=json.dumps(
+                {"feature_service": f"user_embeddings_{state['slot']}_service", "entities": {"user_id": [ids[0]]}}
+            ).encode(),  # fmt: skip
+            headers={"Content-Type": "application/json"},
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    body = json.loads(response.read())
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"feast serve exited: {proc.stderr.read().decode()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    names = body["metadata"]["feature_names"]
+    values = {name: result["values"][0] for name, result in zip(names, body["results"], strict=True)}
+    assert values["model_version"] == "v1"
+    assert np.array(values["embedding"], np.float32).tobytes() == vectors[0].tobytes()
