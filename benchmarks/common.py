@@ -53,6 +53,8 @@ def scratch_project(root: Path) -> Path:
     root.mkdir(parents=True)
     for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
+    for folder in ("flows", "feature_repo"):  # the flow `userlens run` loads; the Feast definitions
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     return root

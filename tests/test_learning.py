@@ -140,3 +140,35 @@ def test_a_model_is_retrained_only_when_its_own_settings_change(tmp_path):
     assert run_key("dual_encoder", params) == run_key("dual_encoder", other_views)  # no augmentation in its loss
     assert run_key("barlow_twins", params) != run_key("barlow_twins", other_views)
     assert run_key("dual_encoder", params) != run_key("dual_encoder", params.with_overrides({"pretrain.lr": 0.01}))
+
+
+def test_pretraining_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
+    """A real SIGKILL of `userlens pretrain` after its first checkpoint; the next run picks it up."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import build_sequences_project, userlens
+
+    killed = build_sequences_project(tmp_path / "killed")
+    straight = tmp_path / "straight"
+    shutil.copytree(killed, straight, symlinks=True)
+    settings = ["--set", "pretrain.epochs=8", "--set", "pretrain.patience=8"]
+    checkpoint = killed / "data/models/barlow_twins/checkpoint.pt"
+    process = subprocess.Popen([sys.executable, "-m", "userlens", *settings, "pretrain", "--no-progress"],
+                               cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "pretraining ended before it could be killed"
+    assert not (killed / "data/embeddings/barlow_twins.parquet").exists()
+
+    resumed = userlens(killed, "-v", *settings, "pretrain", "--no-progress")
+    assert "resuming after epoch" in resumed.stderr
+    userlens(straight, *settings, "pretrain", "--no-progress")
+    a = read_embeddings(killed / "data/embeddings/barlow_twins.parquet")[1]
+    b = read_embeddings(straight / "data/embeddings/barlow_twins.parquet")[1]
+    np.testing.assert_array_equal(a, b)

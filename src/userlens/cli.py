@@ -502,7 +502,7 @@ def deploy(obj: Context, cron, refresh_cron):
 @click.option(
     "--embeddings",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Export Parquet to publish [default: data/embeddings/barlow_twins.parquet].",
+    help="Export Parquet to publish [default: the registry's production version].",
 )
 @click.option("--incremental", is_flag=True, help="Refresh the served version from a re-export instead.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
@@ -512,8 +512,10 @@ def materialize(obj: Context, model_version, embeddings, incremental, no_progres
 
     The version is written into the slot that is not served, checked, then the serving pointer
     (data/feast/serving.json) flips to it; a failure on the way leaves the served version as it
-    was. --incremental writes only the users whose rows changed in a re-export of the served
-    version (Feast materialize_incremental).
+    was. Without --embeddings it (re)publishes the registry's production version, e.g. into a
+    new Redis; with --embeddings it serves that file, bypassing the gate (for experiments: the
+    registry's production alias does not move). --incremental writes only the users whose rows
+    changed in a re-export of the served version (Feast materialize_incremental).
 
     \b
     Examples:
@@ -523,15 +525,23 @@ def materialize(obj: Context, model_version, embeddings, incremental, no_progres
       userlens materialize --incremental
     """
     from userlens import feature_store
+    from userlens.locking import project_lock
+    from userlens.registry import Registry
 
     params = obj.params()
-    if incremental:
-        done = feature_store.refresh(obj.project, params, embeddings, progress=not no_progress)
-        click.echo(f"refreshed {done['model_version']} in slot {done['slot']}: {done['changed']:,} users changed")
-        return
-    path = embeddings or obj.project.embeddings_dir / "barlow_twins.parquet"
-    version = model_version or feature_store.export_version(path)
-    done = feature_store.publish(obj.project, params, version, path, progress=not no_progress)
+    with project_lock(obj.project, "userlens materialize"):
+        if incremental:
+            done = feature_store.refresh(obj.project, params, embeddings, progress=not no_progress)
+            click.echo(f"refreshed {done['model_version']} in slot {done['slot']}: {done['changed']:,} users changed")
+            return
+        if embeddings is None:
+            production = Registry(obj.project).production()
+            if production is None:
+                raise UserlensError("no production version in the registry: run `userlens run` or "
+                                    "`userlens promote`, or pass --embeddings FILE")  # fmt: skip
+            embeddings, model_version = production.embeddings, production.version
+        version = model_version or feature_store.export_version(embeddings)
+        done = feature_store.publish(obj.project, params, version, embeddings, progress=not no_progress)
     click.echo(
         f"serving {done['model_version']} from slot {done['slot']} ({done['users']:,} users, "
         f"{done['users_per_s']:,.0f} users/s, {done['online_store']})"

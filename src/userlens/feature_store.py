@@ -288,7 +288,6 @@ def online_rows(view, table: pa.Table) -> list[tuple]:
     ValueProto. Equal values share one (read-only) ValueProto. tests/test_feature_store.py
     checks the rows against Feast's own conversion.
     """
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
     names = [f.name for f in view.features]
@@ -306,11 +305,22 @@ def online_rows(view, table: pa.Table) -> list[tuple]:
         "n_events": _per_row(table["n_events"], _value_maker("int64_val")),
         "last_event_at": _per_row(table["last_event_at"], _value_maker("int64_val")),
     }
-    keys = [EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(string_val=u)])
-            for u in table["user_id"].to_pylist()]  # fmt: skip
+    keys = entity_keys(table["user_id"].to_pylist())
     features = [dict(zip(names, values, strict=True)) for values in zip(*(columns[n] for n in names), strict=True)]
     times = _per_row(table["event_timestamp"], lambda t: t)  # tz-aware UTC: the stores convert it as Feast's rows
     return list(zip(keys, features, times, [None] * table.num_rows, strict=True))
+
+
+def entity_keys(user_ids: Sequence[str]) -> list:
+    """EntityKeyProto of each user id (join key user_id, a string value), as Feast builds them."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+
+    join_keys, keys = ["user_id"], []
+    for uid in user_ids:
+        key = EntityKeyProto(join_keys=join_keys)
+        key.entity_values.add(string_val=uid)
+        keys.append(key)
+    return keys
 
 
 def _per_row(column: pa.ChunkedArray, make) -> list:
@@ -349,7 +359,10 @@ def _decode_embeddings(values: list, dim: int) -> np.ndarray:
 
 
 def verify_slot(store, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) -> None:
-    """Read up to `sample` users (always the first and the last) back: same version, same bits."""
+    """Read up to `sample` users (always the first and the last) back: same version, same bits.
+
+    Through get_online_features, Feast's standard read, so what online_rows wrote is checked by Feast's own reader.
+    """
     n = table.num_rows
     rows = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
     ids = table["user_id"].take(rows).to_pylist()
@@ -596,13 +609,10 @@ class UserEmbeddings:
 
     def _read(self, pointer: dict, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """One online_read of the served slot (the online store's own read, as get_online_features does)."""
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-
         if not ids:
             return np.empty((0, pointer["dim"]), np.float32), np.zeros(0, bool)
         view = self._view(pointer["slot"])
-        keys = [EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(string_val=u)]) for u in ids]
+        keys = entity_keys(ids)
         rows = self.store._get_provider().online_read(self.store.config, view, keys, ["embedding", "model_version"])
         version, dim = pointer["model_version"], pointer["dim"]
         found = np.array([bool(f) and "model_version" in f and f["model_version"].string_val == version
