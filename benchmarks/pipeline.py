@@ -10,7 +10,7 @@ Prefect's overhead = flow wall time / direct wall time - 1.
     python benchmarks/pipeline.py                          # synthetic default (make run) and ML-100K
     python benchmarks/pipeline.py --datasets synthetic
 
-Writes benchmarks/out/pipeline.json and prints the Markdown table for BENCHMARKS.md.
+Writes benchmarks/out/pipeline-<dataset>.json and prints the Markdown table for BENCHMARKS.md.
 Targets (issue 5): overhead <= 10 % of the total; MovieLens-100K end to end < 5 min on 2 cores.
 """
 
@@ -122,7 +122,8 @@ def main() -> None:
                 print(f"{dataset}: {mode} ...", file=sys.stderr)
                 runs[mode] = run_worker(Path(__file__), mode, dataset, str(root))
         runs["prefect_overhead"] = runs["flow"]["wall_s"] / runs["direct"]["wall_s"] - 1
-    (OUT / "pipeline.json").write_text(json.dumps(results, indent=2))
+        one = {"machine": results["machine"], "runs": {dataset: runs}}
+        (OUT / f"pipeline-{dataset}.json").write_text(json.dumps(one, indent=2))
     print(markdown(results))
 
 

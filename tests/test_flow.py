@@ -116,6 +116,16 @@ def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(pr
     listing = CliRunner().invoke(cli, ["--project", str(project), "models"])
     assert listing.exit_code == 0 and f"*{version}" in listing.output and "blocked" in listing.output
 
+    # `userlens run` (what `make run` calls) ends with the decision and a lookup that works.
+    printed = CliRunner().invoke(cli, ["--project", str(project), "run", "--no-progress"])
+    assert printed.exit_code == 0 and "production and the online store are unchanged" in printed.output
+    try_line = next(line for line in printed.output.splitlines() if line.startswith("try:"))
+    *command, verb, user = try_line.split()
+    assert verb == "lookup" and command[1].endswith("userlens") and "--project" in command
+    looked_up = CliRunner().invoke(cli, ["--project", str(project), "lookup", user, "--json"])
+    answer = json.loads(looked_up.output)
+    assert answer["model_version"] == version and answer["users"][0]["found"]
+
 
 def flow_names_of_runs() -> list[str]:
     from prefect.client.orchestration import get_client

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +335,17 @@ def _echo_release(project: Project, summary: dict) -> None:
     click.echo(f"report: {project.relative(project.run_report)}")
     user = example_user(project)
     if user is not None:
-        click.echo(f"try:    userlens lookup {user}")
+        where = "" if project.root == Path.cwd().resolve() else f" --project {os.path.relpath(project.root)}"
+        click.echo(f"try:    {_invocation()}{where} lookup {user}")
+
+
+def _invocation() -> str:
+    """How this shell reaches the CLI: `userlens` when it is on PATH, else the script's path (e.g. .venv/bin)."""
+    script = Path(sys.executable).parent / "userlens"
+    on_path = shutil.which("userlens")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "userlens"
+    return os.path.relpath(script) if script.exists() else f"{os.path.relpath(sys.executable)} -m userlens"
 
 
 @cli.command()
