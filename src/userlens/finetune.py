@@ -24,7 +24,7 @@ from userlens.config import FinetuneParams, ModelParams
 from userlens.data import SequenceData
 from userlens.evaluate import Task, accuracy, fraction_key, make_split, summarise
 from userlens.model import UserEncoder
-from userlens.train import BEST, pick_device
+from userlens.train import ENCODER, pick_device
 
 log = logging.getLogger(__name__)
 PROBE = "finetune"  # its name among the probes in metrics.json and the report
@@ -33,9 +33,8 @@ ABSENT = -30.0  # head bias of a class with no labelled user: never predicted
 
 
 def load_encoder(model_dir: Path, model: ModelParams, data: SequenceData) -> dict[str, torch.Tensor]:
-    """The encoder weights of a trained model (BarlowTwins or DualEncoder: both hold it as `encoder`)."""
-    state = torch.load(Path(model_dir) / BEST, map_location="cpu", weights_only=True)["model"]
-    weights = {key.removeprefix("encoder."): value for key, value in state.items() if key.startswith("encoder.")}
+    """The weights of a trained encoder (<model_dir>/encoder.pt, written with its embeddings export)."""
+    weights = torch.load(Path(model_dir) / ENCODER, map_location="cpu", weights_only=True)["model"]
     UserEncoder.for_data(model, data).load_state_dict(weights)  # fails loudly on a mismatched checkpoint
     return weights
 

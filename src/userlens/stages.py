@@ -257,7 +257,6 @@ def summary_markdown(project: Project, params: Params, stages: dict) -> str:
 
 METHODS = ("barlow_twins", "dual_encoder", "als", "handcrafted", "random")
 RUN_KEY = "run_key.txt"
-ENCODER = "encoder.pt"  # the exported encoder's weights (also when no epoch ran)
 TRAINING_CODE = ("data.py", "model.py", "augment.py", "train.py", "pretraining.py")
 TRAINING_SECTIONS = {  # the params sections a trained model depends on (the dual encoder uses no augmentation)
     "barlow_twins": ("model", "augment", "pretrain"),
@@ -340,12 +339,12 @@ def _add_finetuned(project: Project, params: Params, results: dict, tasks: dict,
     """results[task][method]["finetune"] for the methods with a trained encoder."""
     from userlens.data import SequenceData
     from userlens.finetune import PROBE, finetune_methods, load_encoder
-    from userlens.train import BEST
+    from userlens.train import ENCODER
 
     data = SequenceData.load(project.sequences_dir, params.sequences.max_length)
     encoders = {}
     for method in ("barlow_twins", "dual_encoder"):
-        if (project.model_dir(method) / BEST).exists():
+        if (project.model_dir(method) / ENCODER).exists():
             encoders[method] = load_encoder(project.model_dir(method), params.model, data)
     if not encoders:
         raise UserlensError("evaluate.finetune.enabled needs a trained encoder in data/models/: run pretrain first")
@@ -391,13 +390,13 @@ def _export_model(project: Project, model_dir: Path, params: Params, sequences: 
     """Embeddings of every user -> data/embeddings/<method>.parquet; the run -> <model_dir>/manifest.json;
     the encoder behind those embeddings -> <model_dir>/encoder.pt (weights only, what the registry keeps)."""
     from userlens.embeddings import embed_sequences
-    from userlens.train import _atomic_save
+    from userlens.train import ENCODER, atomic_save
 
     method, run_key = model_dir.name, (model_dir / RUN_KEY).read_text()
     version = f"{method}-{hashlib.sha256(run_key.encode()).hexdigest()[:10]}"
     batches = embed_sequences(encoder, project.sequences_dir, params.sequences.max_length, data.item_ids)
     rows = _write_embeddings(project, method, batches, version)
-    _atomic_save({"model": {k: v.cpu() for k, v in encoder.state_dict().items()}}, model_dir / ENCODER)
+    atomic_save({"model": {k: v.cpu() for k, v in encoder.state_dict().items()}}, model_dir / ENCODER)
     manifest = {
         "method": method,
         "model_version": version,
@@ -483,6 +482,7 @@ def register(project: Project, params: Params) -> dict:
     """Add the Barlow Twins candidate (data/models/barlow_twins, its embeddings, its metrics and gate
     decision) to the registry as an immutable version; an already registered version is reused."""
     from userlens.registry import Registry
+    from userlens.train import ENCODER
 
     model_dir = project.model_dir(REFERENCE)
     if not (model_dir / MANIFEST).exists():

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"  # the latest epoch: what a resume starts from
 BEST = "best.pt"  # the weights with the best validation score
+ENCODER = "encoder.pt"  # the final encoder alone: what evaluation and the registry load
 CURVES = "curves.csv"
 
 
@@ -157,10 +158,10 @@ def fit(
         state["epoch"] = epoch
         if val > state["best_score"]:
             state.update(best_epoch=epoch, best_score=val, bad_epochs=0)
-            _atomic_save({"model": model.state_dict()}, out_dir / BEST)
+            atomic_save({"model": model.state_dict()}, out_dir / BEST)
         else:
             state["bad_epochs"] += 1
-        _atomic_save(_checkpoint(state, model, optimizer, schedule), out_dir / CHECKPOINT)
+        atomic_save(_checkpoint(state, model, optimizer, schedule), out_dir / CHECKPOINT)
         _write_curves(state["history"], out_dir / CURVES)
         log.info(
             "%s epoch %d: loss %.4f, val %.4f, effective rank %.1f",
@@ -210,7 +211,7 @@ def _load_checkpoint(path: Path, model, optimizer, schedule) -> dict:
     return saved
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
+def atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
