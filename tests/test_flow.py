@@ -209,6 +209,35 @@ def test_scheduled_deployments_are_created_with_their_cron(prefect_server, proje
     assert daily.entrypoint.endswith("flows/training_pipeline.py:training_pipeline")
 
 
+def test_prefect_yaml_deploys_each_deployment_to_its_work_pool(prefect_server, project):
+    import shutil
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    from conftest import REPO
+
+    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    with get_client(sync_client=True) as client:
+        for pool in ("cpu", "gpu"):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "USERLENS_PROJECT": str(project)}
+    run([prefect, "--no-prompt", "deploy", "--all"], cwd=project, env=env)
+    with get_client(sync_client=True) as client:
+        deployed = {name: client.read_deployment_by_name(name) for name in (
+            "training_pipeline/daily", "training_pipeline/daily-gpu", "refresh_pipeline/refresh")}  # fmt: skip
+    pools = {name: d.work_pool_name for name, d in deployed.items()}
+    assert pools == {"training_pipeline/daily": "cpu", "training_pipeline/daily-gpu": "gpu",
+                     "refresh_pipeline/refresh": "cpu"}  # fmt: skip
+    crons = {name: [(s.schedule.cron, s.active) for s in d.schedules] for name, d in deployed.items()}
+    assert crons["training_pipeline/daily"] == [("0 3 * * *", True)]
+    assert crons["training_pipeline/daily-gpu"] == [("0 3 * * *", False)]  # switched on where a GPU pool runs
+    assert crons["refresh_pipeline/refresh"] == [("0 * * * *", True)]
+
+
 @pytest.mark.slow
 def test_dvc_repro_and_the_flow_reach_the_same_decision_and_embeddings(prefect_server, tmp_path):
     flowed = make_project(tmp_path / "flow")
