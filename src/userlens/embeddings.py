@@ -7,7 +7,6 @@ bounded by the batch, not the number of users.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from userlens.data import SequenceData
+from userlens.io import atomic_file, list_vectors
 
 EXPORT_SCHEMA = pa.schema(
     [
@@ -69,12 +69,9 @@ def export_embeddings(
     event_timestamp: datetime,
 ) -> int:
     """Write the export Parquet atomically; `batches` follow the order of `user_ids`. Returns rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ids = pa.array(list(user_ids) if not isinstance(user_ids, pl.Series) else user_ids.to_arrow(), pa.string())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     written = 0
-    try:
+    with atomic_file(path) as tmp:
         with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
             for vectors in batches:
                 n, dim = vectors.shape
@@ -93,16 +90,10 @@ def export_embeddings(
                 written += n
         if written != len(ids):
             raise ValueError(f"{written} embeddings for {len(ids)} users")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return written
 
 
 def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
     """(user_ids, [n, d] float32) from an export file."""
     table = pq.read_table(path, columns=["user_id", "embedding"])
-    column = table["embedding"].combine_chunks()
-    dim = len(column[0]) if len(column) else 0
-    vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    return table["user_id"].to_pylist(), vectors
+    return table["user_id"].to_pylist(), list_vectors(table["embedding"])

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import functools
 import io
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +35,8 @@ import yaml
 
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, DataError, ServingError
-from userlens.io import read_json, save_array_atomic, utc_now, write_json_atomic
+from userlens.io import atomic_file, list_vectors, read_json, save_array_atomic, utc_now, write_json_atomic
+from userlens.locking import file_lock
 from userlens.project import Project
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def publish(
         verify_slot(store, slot, table)
         write_json_atomic(layout.slot_record(slot), {"model_version": model_version, "users": table.num_rows,
                                                      "store": identity})  # fmt: skip
-        vectors = _vectors(table["embedding"])
+        vectors = list_vectors(table["embedding"])
         layout.mean_file(model_version).parent.mkdir(parents=True, exist_ok=True)
         save_array_atomic(layout.mean_file(model_version), vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
         history = ([_summary(pointer)] + pointer.get("history", []))[:HISTORY] if pointer else []
@@ -293,7 +293,7 @@ def online_rows(view, table: pa.Table) -> list[tuple]:
     names = [f.name for f in view.features]
     if sorted(names) != sorted(FEATURES) or [c.name for c in view.entity_columns] != ["user_id"]:
         raise ServingError(f"feature view {view.name}: features {names}, expected {list(FEATURES)} keyed by user_id")
-    vectors = np.ascontiguousarray(_vectors(table["embedding"]), dtype="<f4")
+    vectors = np.ascontiguousarray(list_vectors(table["embedding"]), dtype="<f4")
     head = _float_list_head(vectors.shape[1])
     encoded = np.empty((table.num_rows, len(head) + vectors.itemsize * vectors.shape[1]), np.uint8)
     encoded[:, : len(head)] = np.frombuffer(head, np.uint8)
@@ -366,7 +366,7 @@ def verify_slot(store, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) 
     n = table.num_rows
     rows = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
     ids = table["user_id"].take(rows).to_pylist()
-    expected = _vectors(table["embedding"].take(rows))
+    expected = list_vectors(table["embedding"].take(rows))
     version = table["model_version"][0].as_py()
     got = _read_online(store, view_name(slot), ids, ("embedding", "model_version"))
     bad = [
@@ -383,16 +383,10 @@ def verify_slot(store, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) 
         )
 
 
-@contextlib.contextmanager
-def _lock(layout: Layout) -> Iterator[None]:
+def _lock(layout: Layout):
     """One publish or refresh at a time per store (a second one fails fast)."""
-    layout.state.mkdir(parents=True, exist_ok=True)
-    with open(layout.state / ".publish.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ServingError(f"another publish or refresh is running ({layout.state / '.publish.lock'})") from None
-        yield
+    path = layout.state / ".publish.lock"
+    return file_lock(path, busy=lambda: ServingError(f"another publish or refresh is running ({path})"))
 
 
 # --- the slot table: export columns + per-user scalars ---------------------------------------------
@@ -445,19 +439,9 @@ def user_scalars(sequences_dir: Path) -> pl.DataFrame | None:
     )
 
 
-def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(len(column), -1)
-
-
 def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_online(store, view: str, user_ids: list[str], features: Sequence[str]) -> dict[str, list]:
@@ -660,7 +644,7 @@ def similar(project: Project, params: Params, user_id: str, k: int = 10) -> list
         raise ServingError(f"unknown user {user_id!r}: not in the served version {version}")
     pointer = embeddings.pointer()
     table = pq.read_table(embeddings.layout.slot_parquet(pointer["slot"]), columns=["user_id", "embedding"])
-    matrix = _vectors(table["embedding"])
+    matrix = list_vectors(table["embedding"])
     ids = table["user_id"].to_numpy(zero_copy_only=False)
     norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(vector)), 1e-12)
     scores = matrix @ vector / np.maximum(norms, 1e-12)

@@ -287,12 +287,12 @@ def train_baselines(project: Project, params: Params, progress: bool = True) -> 
     dual, result = train_dual_encoder(data, params, labels, out_dir, progress)
     summary = {"dual_encoder": _export_model(project, out_dir, params, sequences, dual.encoder, data, result)}
     with torch.no_grad():  # the item tower's vectors in item_index order, for next-item ranking
-        save_array_atomic(_embeddings_dir(project) / "dual_encoder.items.npy",
+        save_array_atomic(project.embeddings_dir / "dual_encoder.items.npy",
                           dual.item_embeddings().float().cpu().numpy()[N_SPECIAL:])  # fmt: skip
 
     seq_dir = project.sequences_dir
     als_users, als_items = baselines.als_factors(seq_dir, params.baselines, seed=params.pretrain.seed)
-    save_array_atomic(_embeddings_dir(project) / "als.items.npy", als_items)
+    save_array_atomic(project.embeddings_dir / "als.items.npy", als_items)
     identity = f"{params.section_hash('baselines', 'pretrain')}|{sequences['raw_dvc_hash']}|{sequences['params_hash']}"
     for method, vectors in (
         ("als", als_users),
@@ -418,17 +418,12 @@ def _export_model(project: Project, model_dir: Path, params: Params, sequences: 
     return manifest
 
 
-def _embeddings_dir(project: Project) -> Path:
-    project.embeddings_dir.mkdir(parents=True, exist_ok=True)
-    return project.embeddings_dir
-
-
 def _write_embeddings(project: Project, method: str, batches, version: str) -> int:
     from userlens.embeddings import export_embeddings
 
     user_ids = pl.read_parquet(project.sequences_dir / "users.parquet", columns=["user_id"])["user_id"]
     return export_embeddings(
-        _embeddings_dir(project) / f"{method}.parquet", user_ids, batches, version, datetime.now(UTC)
+        project.embeddings_dir / f"{method}.parquet", user_ids, batches, version, datetime.now(UTC)
     )
 
 
@@ -505,10 +500,14 @@ def register(project: Project, params: Params) -> dict:
     return {"version": version.version, "path": project.relative(version.path), "gate_passed": version.gate_passed}
 
 
-def _gate_decision(project: Project, model_version: str) -> dict:
+def _gate_report(project: Project, alternative: str = "") -> dict:
     if not project.gate_report.exists():
-        raise UserlensError("no gate decision (reports/gate.json): run `userlens gate` first")
-    decision = read_json(project.gate_report)
+        raise UserlensError(f"no gate decision (reports/gate.json): run `userlens gate` first{alternative}")
+    return read_json(project.gate_report)
+
+
+def _gate_decision(project: Project, model_version: str) -> dict:
+    decision = _gate_report(project)
     if decision.get("model_version") != model_version:
         raise UserlensError(
             f"reports/gate.json is for {decision.get('model_version')}, not the trained candidate {model_version}: "
@@ -530,9 +529,7 @@ def promote(
 
     registry = Registry(project)
     if version is None:  # the latest candidate, judged by the latest gate decision
-        if not project.gate_report.exists():
-            raise UserlensError("no gate decision (reports/gate.json): run `userlens gate` first, or name a VERSION")
-        decision = read_json(project.gate_report)
+        decision = _gate_report(project, alternative=", or name a VERSION")
         version = decision["model_version"]
         target = registry.get(version)
     else:  # a registered version, judged by the decision recorded when it was registered

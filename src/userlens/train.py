@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from userlens.config import PretrainParams
+from userlens.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +212,12 @@ def _load_checkpoint(path: Path, model, optimizer, schedule) -> dict:
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _write_curves(history: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
