@@ -13,6 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ML100K = REPO.parent / "shared" / "data" / "ml-100k"
+SHARED_CIAO = REPO.parent / "shared" / "data" / "ciao"
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -23,7 +24,7 @@ SMALL_SYNTHETIC = {"n_users": 200, "n_items": 300, "n_categories": 6, "mean_even
 # Learning settings of test projects: every stage runs, in seconds.
 FAST_LEARNING = {
     "model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
-    "pretrain": {"epochs": 2, "batch_size": 64, "projector": [64, 64]},
+    "pretrain": {"steps": 6, "eval_every": 3, "batch_size": 64, "projector": [64, 64]},
     "baselines": {"als_factors": 16, "als_iterations": 5},
     "evaluate": {"seeds": 2, "label_fractions": [0.1, 1.0], "probes": ["logreg"]},
     # Gate at a fraction the fast evaluation has; 200 users are too few for a margin over the baseline.
@@ -50,6 +51,17 @@ def ml100k_dir() -> Path:
 @pytest.fixture
 def ml100k() -> Path:
     return ml100k_dir()
+
+
+def ciao_dir() -> Path:
+    """The Ciao export in the generic format (interactions.csv, items.csv): $USERLENS_DATA_DIR
+    or its ciao/ folder, else ../shared/data/ciao; private, so never in the repo."""
+    candidates = [Path(os.environ["USERLENS_DATA_DIR"])] if os.environ.get("USERLENS_DATA_DIR") else []
+    for path in [*candidates, SHARED_CIAO]:
+        for folder in (path, path / "ciao"):
+            if (folder / "interactions.csv").exists() and (folder / "items.csv").exists():
+                return folder
+    pytest.skip(f"Ciao not found at {SHARED_CIAO} (private data, not in the repo); set USERLENS_DATA_DIR")
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

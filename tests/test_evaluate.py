@@ -23,10 +23,9 @@ from userlens.evaluate import (
     hit_rate_at_k,
     make_split,
     ndcg_at_k,
-    paired_comparison,
     target_ranks,
-    write_report,
 )
+from userlens.report import GEOMETRY, paired_comparison, task_results, write_report
 
 DAY = 86_400
 CATEGORIES = ["A", "B", "C"]
@@ -350,6 +349,40 @@ def test_write_report(evaluated, tmp_path: Path):
     # the default reference and baseline are absent here: no gain tables, no error
     write_report(results, tmp_path / "plain")
     assert "Gain of" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_report_shows_the_geometry_of_every_method_and_tasks_ignore_it(evaluated, small_sequences, tmp_path: Path):
+    from userlens.evaluate import history_favourite_category
+    from userlens.geometry import geometry, neighbour_taste
+
+    tasks, results, _ = evaluated
+    n_users = tasks["favourite_category"].labels.size
+    embeddings = {"handcrafted": handcrafted_profile(small_sequences), "random": random_vectors(n_users, 32, seed=0)}
+    favourite = history_favourite_category(small_sequences)
+    with_geometry = {**results, GEOMETRY: {m: {**geometry(x), **neighbour_taste(x, favourite)}
+                                           for m, x in embeddings.items()}}  # fmt: skip
+    assert task_results(with_geometry) == results
+    report = write_report(with_geometry, tmp_path, tasks=tasks)["report"].read_text()
+    assert "## Geometry of the exported vectors" in report
+    assert all(f"| {method} | " in report.split("## Geometry")[1] for method in embeddings)
+    assert "## geometry" not in report  # not mistaken for a task
+
+
+def test_geometry_tells_a_shared_direction_from_a_spread_and_neighbours_from_chance():
+    from userlens.geometry import geometry, neighbour_taste
+
+    rng = np.random.default_rng(0)
+    taste = rng.integers(0, 4, 2000)
+    spread = rng.normal(size=(2000, 16)) + np.eye(16)[taste] * 3  # users cluster by taste
+    shared = spread * 0.01 + 5.0  # the same users along one big common direction
+    a, b = geometry(spread), geometry(shared)
+    assert a["effective_rank"] > 8 and a["random_pair_cosine"] < 0.3
+    assert b["random_pair_cosine"] > 0.99 and a["first_direction_share"] < 0.5
+    found = neighbour_taste(spread, taste, k=10)
+    assert found["neighbour_same_favourite"] > 0.9 and 0.2 < found["random_same_favourite"] < 0.3
+    assert found["lift"] > 3
+    blind = neighbour_taste(rng.normal(size=(2000, 16)), taste, k=10)
+    assert 0.6 < blind["lift"] < 1.4
 
 
 # --------------------------------------------------------------------------- MovieLens-100K

@@ -136,7 +136,7 @@ def flow_names_of_runs() -> list[str]:
 
 def test_flow_stops_at_failed_validation_and_keeps_sequences(prefect_server, project):
     flow = load_flow(Project(project))
-    set_params(project, {"pretrain": {"epochs": 1}})
+    set_params(project, {"pretrain": {"steps": 3}})
     flow(project_dir=str(project), progress=False)
     sequences_before = (project / "data/sequences/sequences.parquet").read_bytes()
 

@@ -82,9 +82,17 @@ def test_missing_task_is_an_error_unless_optional():
     rules = GateParams(tasks={"gender": {"min_accuracy": 0.6}})
     with pytest.raises(GateError, match="task 'gender' is not in reports/metrics.json.*optional: true"):
         decide(metrics(), rules)
-    optional = GateParams(tasks={"gender": {"min_accuracy": 0.6, "optional": True}})
+    optional = GateParams(tasks={"gender": {"min_accuracy": 0.6, "optional": True},
+                                 "favourite_category": {"min_accuracy": 0.5}})  # fmt: skip
     decision = decide(metrics(), optional)
     assert decision["passed"] and "skipped" in decision["checks"][0]["reason"]
+
+
+def test_a_gate_with_no_task_evaluated_blocks():
+    """Every gated task optional and absent from the data: nothing was checked, so no promotion."""
+    only_absent = GateParams(tasks={"gender": {"min_accuracy": 0.6, "optional": True}})
+    decision = decide(metrics(), only_absent)
+    assert not decision["passed"] and "no gated task was evaluated" in decision["reasons"][0]
 
 
 def test_missing_label_fraction_or_baseline_is_an_error():

@@ -4,6 +4,7 @@ import polars as pl
 import pytest
 
 from userlens.errors import DataError
+from userlens.schema import outside_scale
 from userlens.sources import generic
 
 
@@ -38,7 +39,7 @@ def test_string_ids_iso_timestamps_missing_and_half_star_ratings(tmp_path):
     assert inter["user_id"].to_list() == ["007", "alice", "007"]  # leading zeros kept
     assert inter["timestamp"].to_list() == [1614834367, 1614834368, 1614834369]
     assert inter["rating"].to_list() == [4.5, None, 0.5]
-    assert tables.rating_scale == (0.5, 4.5) and tables.rating_scale_origin == "inferred"
+    assert tables.rating_scale == (0.5, 5.0) and tables.rating_scale_origin == "inferred"  # half stars
     assert tables.items["categories"].to_list() == [["Fiction", "Crime"], []]
     assert sorted(tables.users["user_id"].to_list()) == ["007", "alice"]
 
@@ -47,9 +48,7 @@ def test_declared_scale_parquet_and_list_categories(tmp_path):
     pl.DataFrame(
         {"user_id": [1, 2], "item_id": [10, 11], "timestamp": [1600000000, 1600000001], "rating": [3, 8]}
     ).write_parquet(tmp_path / "interactions.parquet")
-    pl.DataFrame({"item_id": ["10", "11"], "categories": [["a"], ["b", "c"]]}).write_parquet(
-        tmp_path / "items.parquet"
-    )
+    pl.DataFrame({"item_id": ["10", "11"], "categories": [["a"], ["b", "c"]]}).write_parquet(tmp_path / "items.parquet")
     pl.DataFrame({"user_id": ["1", "2"], "age": [30, 40]}).write_parquet(tmp_path / "users.parquet")
     tables = generic.read(tmp_path, rating_scale=(0, 10))
     assert tables.rating_scale == (0.0, 10.0) and tables.rating_scale_origin == "declared"
@@ -57,6 +56,46 @@ def test_declared_scale_parquet_and_list_categories(tmp_path):
     assert tables.items["categories"].to_list() == [["a"], ["b", "c"]]
     assert tables.items["title"].null_count() == 2
     assert tables.users.columns == ["user_id", "age"]
+
+
+def _scale_of(tmp_path, ratings: list[float]):
+    n = len(ratings)
+    pl.DataFrame(
+        {"user_id": [f"u{i % 7}" for i in range(n)], "item_id": [f"i{i}" for i in range(n)],
+         "timestamp": [1_600_000_000 + i for i in range(n)], "rating": ratings}
+    ).write_parquet(tmp_path / "interactions.parquet")  # fmt: skip
+    tables = generic.read(tmp_path)
+    outside = tables.interactions.select(outside_scale(tables.rating_scale).sum()).item()
+    return tables.rating_scale, tables.rating_scale_origin, outside
+
+
+STARS = [1.0, 2.0, 3.0, 4.0, 5.0] * 100  # 500 whole-star ratings
+HALF_STARS = [0.5 * k for k in range(2, 11)] * 100  # 1, 1.5, ..., 5: no 0.5 at all
+
+
+@pytest.mark.parametrize(
+    "ratings, scale, outside",
+    [
+        pytest.param(STARS + [17.0], (1.0, 5.0), 1, id="one stray 17 among stars is out of scale"),
+        pytest.param(STARS + [0.0, 0.0], (1.0, 5.0), 2, id="a few 0s among stars (Ciao) are out of scale"),
+        pytest.param(STARS + [0.0] * 50, (0.0, 5.0), 0, id="many 0s: a 0-5 scale"),
+        pytest.param(HALF_STARS + [0.5], (0.5, 5.0), 0, id="half stars, one 0.5"),
+        pytest.param(HALF_STARS, (0.5, 5.0), 0, id="half stars without any 0.5"),
+        pytest.param([float(k) for k in range(1, 11)] * 20, (1.0, 10.0), 0, id="1-10"),
+        pytest.param([0.1, 0.25, 0.9, 1.0], (0.0, 1.0), 0, id="scores in 0-1"),
+        pytest.param([3.0, 250.0, 1200.0], (3.0, 1200.0), 0, id="no standard scale: the observed range"),
+    ],
+)
+def test_rating_scale_is_the_narrowest_standard_scale_holding_nearly_all(tmp_path, ratings, scale, outside):
+    assert _scale_of(tmp_path, ratings) == (scale, "inferred", outside)
+
+
+def test_declared_scale_wins_over_inference(tmp_path):
+    pl.DataFrame(
+        {"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "timestamp": [1, 2, 3], "rating": [1.0, 2.0, 17.0]}
+    ).write_parquet(tmp_path / "interactions.parquet")
+    tables = generic.read(tmp_path, rating_scale=(0, 20))
+    assert (tables.rating_scale, tables.rating_scale_origin) == ((0.0, 20.0), "declared")
 
 
 def test_nan_rating_is_a_missing_rating(tmp_path):

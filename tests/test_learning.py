@@ -22,7 +22,7 @@ def trained(small_sequences):
     """Barlow Twins for a few CPU seconds on 400 synthetic users with planted taste structure."""
     project = Project(small_sequences.parents[1])
     params = project.load_params().with_overrides(
-        {"pretrain.epochs": 6, "pretrain.batch_size": 64, "pretrain.patience": 10}
+        {"pretrain.steps": 36, "pretrain.eval_every": 6, "pretrain.batch_size": 64}
     )
     manifest = stages.pretrain(project, params, progress=False)
     return project, params, manifest
@@ -35,7 +35,19 @@ def test_pretraining_learns_without_collapse(trained):
     assert "effective_rank" in rows[0] and len(rows) == 6
     assert float(rows[-1]["loss"]) < 0.8 * float(rows[0]["loss"]), "the Barlow Twins loss did not fall"
     assert float(rows[-1]["effective_rank"]) > 4, "embeddings collapsed"
-    assert manifest["epochs_run"] == 6 and manifest["users"] == 400
+    assert manifest["steps_run"] == 36 and manifest["users"] == 400
+    assert manifest["selection"]["rule"] == "last" and manifest["selection"]["step"] == 36
+    assert "36 steps of 64 users" in manifest["selection"]["reason"]
+
+
+def test_exported_barlow_twins_vectors_meet_the_serving_geometry_bar(trained):
+    """Effective rank >= half the dimension, random-pair cosine < 0.3: fit for cosine consumers."""
+    from userlens.geometry import geometry
+
+    project, params, _ = trained
+    shape = geometry(read_embeddings(project.root / "data/embeddings/barlow_twins.parquet")[1])
+    assert shape["effective_rank"] >= 0.5 * params.model.d_model, shape
+    assert shape["random_pair_cosine"] < 0.3, shape
 
 
 def test_export_has_the_serving_schema(trained):
@@ -87,8 +99,8 @@ def test_rerun_with_same_settings_reuses_the_finished_run(trained):  # last: it 
     again = stages.pretrain(project, params, progress=False)
     assert again["model_version"] == manifest["model_version"]
     np.testing.assert_array_equal(read_embeddings(project.root / "data/embeddings/barlow_twins.parquet")[1], before)
-    changed = stages.pretrain(project, params.with_overrides({"pretrain.epochs": 1}), progress=False)
-    assert changed["model_version"] != manifest["model_version"] and changed["epochs_run"] == 1
+    changed = stages.pretrain(project, params.with_overrides({"pretrain.steps": 6}), progress=False)
+    assert changed["model_version"] != manifest["model_version"] and changed["steps_run"] == 6
 
 
 def test_barlow_twins_resume_after_a_kill_matches_an_uninterrupted_run(small_sequences, tmp_path):
@@ -103,10 +115,17 @@ def test_barlow_twins_resume_after_a_kill_matches_an_uninterrupted_run(small_seq
 
     data = SequenceData.load(small_sequences, max_length=50)
     params = Params().with_overrides(
-        {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "pretrain.epochs": 3, "pretrain.batch_size": 64}
+        {
+            "model.d_model": 32,
+            "model.n_layers": 1,
+            "model.n_heads": 2,
+            "pretrain.steps": 18,
+            "pretrain.eval_every": 6,
+            "pretrain.batch_size": 64,
+        }
     )
 
-    def train(out_dir, stop_after_epochs=None):
+    def train(out_dir, stop_after_rounds=None):
         torch.manual_seed(0)
         encoder = UserEncoder.for_data(params.model, data)
         model = BarlowTwins(encoder, (64, 64), params.pretrain.lambd)
@@ -114,13 +133,13 @@ def test_barlow_twins_resume_after_a_kill_matches_an_uninterrupted_run(small_seq
         def step(model, users, generator):
             return model(*two_views(data.batch(users), params.augment, generator))
 
-        # a rising score: the best epoch is the last, so the final weights are the resumed ones
+        # a rising score: the best round is the last, so the final weights are the resumed ones
         fit(model, step, lambda m: embed_users(encoder, data), lambda e: time.time(), np.arange(data.n_users),
-            params.pretrain, out_dir, progress=False, stop_after_epochs=stop_after_epochs)  # fmt: skip
+            params.pretrain, out_dir, progress=False, stop_after_rounds=stop_after_rounds)  # fmt: skip
         return model.state_dict()
 
     straight = train(tmp_path / "straight")
-    train(tmp_path / "killed", stop_after_epochs=1)  # the process dies after epoch 1's checkpoint
+    train(tmp_path / "killed", stop_after_rounds=1)  # the process dies after round 1's checkpoint
     resumed = train(tmp_path / "killed")  # a new process picks the checkpoint up
     assert straight.keys() == resumed.keys()
     for name, tensor in straight.items():
@@ -135,7 +154,7 @@ def test_a_model_is_retrained_only_when_its_own_settings_change(tmp_path):
     other_views = params.with_overrides({"augment.crop_prob": 0.1})
 
     def run_key(method, p):
-        return (stages._model_dir(project, method, p, sequences) / stages.RUN_KEY).read_text()
+        return (stages.model_dir(project, method, p, sequences) / stages.RUN_KEY).read_text()
 
     assert run_key("dual_encoder", params) == run_key("dual_encoder", other_views)  # no augmentation in its loss
     assert run_key("barlow_twins", params) != run_key("barlow_twins", other_views)
@@ -154,7 +173,7 @@ def test_pretraining_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_an_u
     killed = build_sequences_project(tmp_path / "killed")
     straight = tmp_path / "straight"
     shutil.copytree(killed, straight, symlinks=True)
-    settings = ["--set", "pretrain.epochs=8", "--set", "pretrain.patience=8"]
+    settings = ["--set", "pretrain.steps=48", "--set", "pretrain.eval_every=6"]
     checkpoint = killed / "data/models/barlow_twins/checkpoint.pt"
     process = subprocess.Popen([sys.executable, "-m", "userlens", *settings, "pretrain", "--no-progress"],
                                cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -167,7 +186,7 @@ def test_pretraining_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_an_u
     assert not (killed / "data/embeddings/barlow_twins.parquet").exists()
 
     resumed = userlens(killed, "-v", *settings, "pretrain", "--no-progress")
-    assert "resuming after epoch" in resumed.stderr
+    assert "resuming after step" in resumed.stderr
     userlens(straight, *settings, "pretrain", "--no-progress")
     a = read_embeddings(killed / "data/embeddings/barlow_twins.parquet")[1]
     b = read_embeddings(straight / "data/embeddings/barlow_twins.parquet")[1]

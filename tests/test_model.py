@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from userlens.augment import augment
+from userlens.augment import Substitutes, augment
 from userlens.config import AugmentParams, ModelParams, PretrainParams
 from userlens.data import MASK, N_SPECIAL, OOV, PAD, Batch, SequenceData, remap_unknown
 from userlens.model import BarlowTwins, DualEncoder, UserEncoder, barlow_twins_loss
@@ -191,6 +191,22 @@ def test_reorder_preserves_the_multiset_within_one_span():
         assert cols.max() - cols.min() < 4
     # The event moves as a whole: ratings and gaps follow their item.
     assert torch.equal(view.gaps.sort(1).values, batch.gaps.sort(1).values)
+
+
+def test_substitution_swaps_items_for_items_of_the_same_primary_category(data):
+    subs = Substitutes.from_item_categories(data.item_categories)
+    primary = torch.where(data.item_categories.sum(1) > 0, data.item_categories.argmax(1), -1)
+    params = NO_AUGMENT.model_copy(update=dict(substitute_rate=0.5))
+    batch = data.batch(torch.arange(32))
+    view = augment(batch, params, gen(0), subs)
+    swapped = (view.items != batch.items) & ~batch.padding
+    share = swapped.sum().item() / (~batch.padding).sum().item()
+    assert 0.3 < share < 0.55  # about half; a swap may draw the same item back
+    assert torch.equal(primary[view.items[swapped]], primary[batch.items[swapped]])
+    for name in ("ratings", "has_rating", "gaps", "padding"):  # the event keeps its rating and time
+        assert torch.equal(getattr(view, name), getattr(batch, name)), name
+    with pytest.raises(ValueError, match="substitute_rate"):
+        augment(batch, params, gen(0))
 
 
 def test_zero_rates_leave_the_batch_unchanged():
@@ -410,50 +426,112 @@ def test_short_histories_are_well_defined(tmp_path):
     for mode in (True, False):
         out = enc.train(mode)(data.batch([0, 1, 2]))
         assert torch.isfinite(out).all()
-    prefix, targets = data.history_next_item([0, 1, 2])
-    assert targets.tolist() == [-1, 5, 5] and prefix.lengths.tolist() == [0, 0, 2]
-    model = DualEncoder(enc, data.n_items, data.n_categories, data.item_counts, 0.1, True)
-    assert torch.isfinite(model(prefix, targets))
+    causal = UserEncoder.for_data(SMALL, data, causal=True)
+    model = DualEncoder(causal, data.n_items, data.n_categories, data.item_counts, 0.1, True, max_pairs=64)
+    assert torch.isfinite(model(data.batch([0, 1, 2])))  # one pair: prefix [0] -> 1, then [0, 1] -> 2
+    assert model(data.batch([0, 1])).item() == 0.0  # no history with two events: nothing to predict
 
 
-def test_history_next_item_uses_only_the_history(data):
-    users = torch.arange(40)
-    prefix, targets = data.history_next_item(users)
-    lengths = data.lengths[users]
-    assert torch.equal(targets, data.items[users, lengths - 1])
-    assert torch.equal(prefix.lengths, lengths - 1)
-    assert (prefix.items[prefix.padding] == PAD).all()
-    prefix, targets = data.history_next_item(users, generator=gen(0))
-    t = prefix.lengths
-    assert (t >= 1).all() and (t <= lengths - 1).all()
-    assert torch.equal(targets, data.items[users, t])
+def test_causal_prefix_embeddings_equal_the_embeddings_of_cut_histories(data):
+    """One causal pass gives, at position t, exactly the embedding of the history cut after t:
+    so every (prefix, next item) pair of the dual encoder is the user as it will be served."""
+    torch.manual_seed(0)
+    users = torch.arange(6)
+    for pooling in ("mean", "last"):
+        enc = UserEncoder.for_data(SMALL.model_copy(update={"pooling": pooling}), data, causal=True).eval()
+        batch = data.batch(users)
+        prefixes = enc.prefix_embeddings(batch)
+        for t in (0, 3, 7):
+            cut = data.batch(users)
+            cut.padding = cut.padding | (torch.arange(cut.items.shape[1])[None, :] > t)
+            keep = cut.lengths > t
+            np.testing.assert_allclose(enc(cut)[keep].detach(), prefixes[keep, t].detach(), atol=1e-5)
+        full = enc(batch).detach()
+        last = prefixes[torch.arange(len(users)), batch.lengths - 1].detach()
+        np.testing.assert_allclose(full, last, atol=1e-5)
+    with pytest.raises(ValueError, match="causal"):
+        UserEncoder.for_data(SMALL, data).prefix_embeddings(data.batch(users))
+    with pytest.raises(ValueError, match="CLS"):
+        UserEncoder.for_data(SMALL.model_copy(update={"pooling": "cls"}), data, causal=True)
+
+
+def test_causal_attention_never_sees_later_events(data):
+    torch.manual_seed(0)
+    enc = UserEncoder.for_data(SMALL, data, causal=True).eval()
+    batch = data.batch(torch.arange(4))
+    before = enc.prefix_embeddings(batch)[:, :3].detach()
+    changed = data.batch(torch.arange(4))
+    changed.items = changed.items.clone()
+    changed.items[:, 5:] = torch.where(changed.padding[:, 5:], changed.items[:, 5:], 3)  # rewrite events 5..
+    np.testing.assert_allclose(enc.prefix_embeddings(changed)[:, :3].detach(), before, atol=1e-6)
+    assert not torch.allclose(enc(changed), enc(batch))
+
+
+def test_output_whitening_is_part_of_the_saved_encoder(data):
+    from userlens.geometry import geometry
+
+    torch.manual_seed(0)
+    enc = UserEncoder.for_data(SMALL, data).eval()
+    users = torch.arange(data.n_users)
+    with torch.no_grad():
+        raw = enc(data.batch(users))
+        enc.fit_whitening(raw, shrinkage=0.0)
+        white = enc(data.batch(users)).numpy()
+    # float32 rounding of an untrained encoder's tiny spread, amplified: unit variance to 1 %
+    np.testing.assert_allclose(white.mean(axis=0), 0, atol=1e-2)
+    np.testing.assert_allclose(np.cov(white.T, bias=True), np.eye(enc.d_model), atol=5e-2)
+    shape = geometry(white)
+    assert shape["effective_rank"] > 0.9 * enc.d_model and abs(shape["random_pair_cosine"]) < 0.1
+    assert geometry(raw.numpy())["random_pair_cosine"] > 0.5  # what it fixes: one shared direction
+    reloaded = UserEncoder.for_data(SMALL, data).eval()
+    reloaded.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(data.batch(users)).numpy(), white, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- training
 
 
 def test_dual_encoder_loss_logq_and_training(data):
-    users = torch.arange(64)
-    prefix, targets = data.history_next_item(users)
+    batch = data.batch(torch.arange(64))
     torch.manual_seed(0)
-    enc = UserEncoder.for_data(SMALL.model_copy(update=dict(dropout=0.0)), data)
-    model = DualEncoder(enc, data.n_items, data.n_categories, data.item_counts, temperature=0.1, logq_correction=True)
-    loss = model(prefix, targets)
+    enc = UserEncoder.for_data(SMALL.model_copy(update=dict(dropout=0.0)), data, causal=True)
+    model = DualEncoder(enc, data.n_items, data.n_categories, data.item_counts, temperature=0.1,
+                        logq_correction=True, max_pairs=100_000)  # fmt: skip
+    loss = model(batch)
     assert torch.isfinite(loss)
     model.logq_correction = False
-    assert model(prefix, targets).item() != pytest.approx(loss.item())
+    assert model(batch).item() != pytest.approx(loss.item())
     model.logq_correction = True
     assert model.item_embeddings().shape == (data.n_items + 3, 32)
 
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
     for _ in range(30):
-        loss = model(prefix, targets)
+        loss = model(batch)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert model(prefix, targets).item() < 0.7 * first
+    assert model(batch).item() < 0.7 * first
+
+
+def test_dual_encoder_samples_at_most_max_pairs(data, monkeypatch):
+    """Every (prefix, next) pair of the batch, or max_pairs of them drawn with the generator."""
+    import torch.nn.functional as F
+
+    seen = []
+    original = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, target: seen.append(len(target)) or original(logits, target))
+    batch = data.batch(torch.arange(16))
+    enc = UserEncoder.for_data(SMALL, data, causal=True)
+    pairs = int((batch.lengths - 1).clamp(min=0).sum())
+    for cap, expected in ((100_000, pairs), (50, 50)):
+        model = DualEncoder(enc, data.n_items, data.n_categories, data.item_counts, 0.1, True, max_pairs=cap)
+        model(batch, gen(0))
+        assert seen[-1] == expected
+    with pytest.raises(AssertionError, match="causal"):
+        DualEncoder(UserEncoder.for_data(SMALL, data), data.n_items, data.n_categories, data.item_counts, 0.1, True, 9)
 
 
 @pytest.mark.parametrize("batch_size", [32, 256])

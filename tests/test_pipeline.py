@@ -135,7 +135,9 @@ def generic_project(tmp_path_factory):
             "rating_scale": [1, 5],
         },
     )
-    set_params(project, {"dvc": {"push": False}, "validation": {"min_events_per_user": 2}})
+    # Every repairable defect fails here, so each case below is refused (the drop rules: test_quarantine.py).
+    fail = {"duplicate_events": "fail", "rating_out_of_scale": "fail", "unknown_items": "fail", "null_keys": "fail"}
+    set_params(project, {"dvc": {"push": False}, "validation": {"min_events_per_user": 2, "repair": fail}})
     result = run_stages(project)
     assert result.exit_code == 0, result.output
     return project, interactions

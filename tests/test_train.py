@@ -1,4 +1,4 @@
-"""The training loop with a tiny model: resume is exact, early stopping keeps the best weights."""
+"""The training loop with a tiny model: a budget in steps, exact resume, selection (last or probe) recorded."""
 
 import time
 
@@ -29,12 +29,13 @@ def embed(model):
 
 
 def rising(embeddings):
-    """A validation score that improves every epoch: the best weights are the last ones."""
+    """A validation score that improves every round: the best weights are the last ones."""
     return time.time()
 
 
 def params(**kw):
-    return PretrainParams(**{"epochs": 4, "batch_size": 16, "lr": 1e-2, "patience": 10, **kw})
+    # 64 users at batch 16: 4 steps an epoch; rounds of 4 steps
+    return PretrainParams(**{"steps": 16, "eval_every": 4, "batch_size": 16, "lr": 1e-2, "patience": 10, **kw})
 
 
 def weights(model):
@@ -47,11 +48,11 @@ def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(tmp_path):
     fit(straight, step_loss, embed, rising, users, params(), tmp_path / "a", progress=False)
 
     resumed = tiny_model()
-    first = fit(resumed, step_loss, embed, rising, users, params(), tmp_path / "b", progress=False, stop_after_epochs=2)
-    assert first.epochs_run == 2
+    first = fit(resumed, step_loss, embed, rising, users, params(), tmp_path / "b", progress=False, stop_after_rounds=2)
+    assert first.steps_run == 8
     resumed = tiny_model()  # a fresh process: weights come from the checkpoint
     result = fit(resumed, step_loss, embed, rising, users, params(), tmp_path / "b", progress=False)
-    assert result.epochs_run == 4 and len(result.history) == 4
+    assert result.steps_run == 16 and len(result.history) == 4
     assert torch.equal(weights(straight), weights(resumed))
 
 
@@ -64,7 +65,7 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint(tmp_path):
 
     def crashing(model, batch_users, generator):
         calls["n"] += 1
-        if calls["n"] == 10:  # in the third epoch (4 steps per epoch)
+        if calls["n"] == 10:  # in the third round (4 steps per round)
             raise RuntimeError("killed")
         return step_loss(model, batch_users, generator)
 
@@ -75,7 +76,7 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint(tmp_path):
     assert torch.equal(weights(straight), weights(resumed))
 
 
-def test_early_stopping_keeps_the_best_epoch(tmp_path):
+def test_selection_probe_keeps_the_best_round_and_stops_after_patience(tmp_path):
     scores = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.9])
     model = tiny_model()
     result = fit(
@@ -84,21 +85,44 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
         embed,
         lambda e: next(scores),
         np.arange(N_USERS),
-        params(epochs=6, patience=2),
+        params(steps=24, selection="probe", patience=2),
         tmp_path,
         progress=False,
     )
-    assert result.stopped_early and result.epochs_run == 4 and result.best_epoch == 2
+    assert result.stopped_early and result.steps_run == 16 and result.selected_step == 8
+    assert result.selection == "probe" and "step 8" in result.reason and "2 rounds" in result.reason
     best = torch.load(tmp_path / BEST, weights_only=True)["model"]
     assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
     lines = (tmp_path / CURVES).read_text().splitlines()
-    assert lines[0].startswith("epoch,loss,val_score") and len(lines) == 5
+    assert lines[0].startswith("step,epoch,sequences_seen,loss,val_score") and len(lines) == 5
     assert (tmp_path / CHECKPOINT).exists()
+
+
+def test_a_fixed_budget_takes_exactly_its_steps_and_exports_the_last(tmp_path):
+    """selection "last": the validation score is monitored, never used; the budget is exact,
+    also when it is no multiple of a round or of an epoch."""
+    calls = {"n": 0}
+
+    def counting(model, batch_users, generator):
+        calls["n"] += 1
+        assert len(batch_users) == 16
+        return step_loss(model, batch_users, generator)
+
+    scores = iter([0.9, 0.1, 0.1])  # the best probe is the first round: ignored
+    model = tiny_model()
+    result = fit(model, counting, embed, lambda e: next(scores), np.arange(N_USERS),
+                 params(steps=11, eval_every=5), tmp_path, progress=False)  # fmt: skip
+    assert calls["n"] == 11 and result.steps_run == 11 and result.selected_step == 11
+    assert [row["step"] for row in result.history] == [5, 10, 11]
+    assert result.history[-1]["sequences_seen"] == 11 * 16 and not result.stopped_early
+    assert result.selection == "last" and "11 steps" in result.reason
+    last = torch.load(tmp_path / BEST, weights_only=True)["model"]
+    assert all(torch.equal(last[k], v) for k, v in model.state_dict().items())
 
 
 def test_loss_falls(tmp_path):
     result = fit(
-        tiny_model(), step_loss, embed, lambda e: 0.0, np.arange(N_USERS), params(epochs=8), tmp_path, progress=False
+        tiny_model(), step_loss, embed, lambda e: 0.0, np.arange(N_USERS), params(steps=32), tmp_path, progress=False
     )
     assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
 

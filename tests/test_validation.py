@@ -10,13 +10,15 @@ from typing import NamedTuple
 import polars as pl
 import pytest
 
-from userlens.config import ValidationParams
+from userlens.config import RepairParams, ValidationParams
 from userlens.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, CanonicalTables
 from userlens.validation import CheckResult, ValidationReport, epoch_seconds, validate_tables
 
 NOW = 1_700_000_000  # 2023-11-14 22:13:20 UTC
 DAY = 86_400
-PARAMS = ValidationParams(min_events_per_user=5, short_users="drop", min_timestamp=date(1995, 1, 1))
+FAIL_ALL = RepairParams(duplicate_events="fail", rating_out_of_scale="fail", unknown_items="fail", null_keys="fail")
+# Every repairable check under "fail": each problem fails validation (the drop rules are tested below).
+PARAMS = ValidationParams(min_events_per_user=5, short_users="drop", min_timestamp=date(1995, 1, 1), repair=FAIL_ALL)
 
 
 def _interactions(rows: list[tuple]) -> pl.DataFrame:
@@ -213,3 +215,97 @@ def test_summary_names_failures_and_to_dict_is_json(tmp_path):
     assert loaded["data_docs_index"] == str(report.data_docs_index)
     rating = next(c for c in loaded["checks"] if c["check"] == "rating_in_scale")
     assert (rating["examples"], rating["unexpected_count"], rating["element_count"]) == ([7.0, 0.0], 2, 15)
+
+
+# --- repair rules: drop into quarantine, within validation.max_drop_fraction ---------------------
+
+DROP_ALL = RepairParams(duplicate_events="drop", rating_out_of_scale="drop", unknown_items="drop", null_keys="drop")
+DROP = PARAMS.model_copy(update={"repair": DROP_ALL, "max_drop_fraction": 0.2})
+
+
+class Repair(NamedTuple):
+    """A repairable problem planted in clean tables: the check GX flags and the rows dropped."""
+
+    where: str
+    gx_count: int  # what GX finds on the raw table
+    rows: Callable[[list[tuple]], list[tuple]]
+    quarantined: list[int]  # row numbers in the canonical table
+    short_users: int  # counted on the rows that remain: a user left with 4 events is short
+
+
+REPAIRS = {
+    "null_keys": Repair("interactions.user_id", 1, _set(0, user_id=None), [0], 1),
+    # GX counts both copies; the first is kept (u1 keeps its 5 events)
+    "duplicate_events": Repair(EVENTS, 2, _duplicate(4), [15], 0),
+    "rating_out_of_scale": Repair("interactions.rating", 1, _set(1, rating=7.0), [1], 1),
+    "unknown_items": Repair("interactions.item_id", 1, _set(6, item_id="i999"), [6], 1),
+}
+
+
+@pytest.mark.parametrize("rule", REPAIRS)
+def test_each_repairable_problem_is_dropped_into_quarantine_under_drop(rule, tmp_path):
+    case = REPAIRS[rule]
+    rows = case.rows(_clean_rows())
+    quarantine_dir = tmp_path / "quarantine"
+
+    report = validate_tables(_tables(rows), DROP, tmp_path / "data_docs", now=NOW, quarantine_dir=quarantine_dir)
+
+    assert report.success, report.summary()
+    check = next(c for c in report.checks if c.where == case.where and c.repair == rule)
+    assert (check.success, check.unexpected_count, check.quarantined) == (True, case.gx_count, 1)
+    assert check.message.startswith("repaired by drop: 1 rows quarantined (")
+    written = pl.read_parquet(quarantine_dir / "interactions.parquet")
+    assert written.equals(report.quarantined)
+    assert written["row"].to_list() == case.quarantined and written["quarantined_by"].to_list() == [rule]
+    assert written.drop("row", "quarantined_by").rows() == [rows[i] for i in case.quarantined]
+    assert report.quarantine["rows"] == 1 and report.quarantine["by_rule"][rule] == 1
+    assert f"Quarantine: 1 of {len(rows)} interactions" in report.summary()
+    assert report.short_users["count"] == case.short_users
+    # Data Docs tell the truth about the raw table and say what the rule did with the rows
+    pages = " ".join(p.read_text() for p in (tmp_path / "data_docs").rglob("*.html"))
+    assert f"validation.repair.{rule}" in pages
+
+
+def test_a_row_failing_several_drop_rules_names_them_all(tmp_path):
+    rows = _duplicate(1, rating=7.0)(_clean_rows())  # row 1 out of scale, and its copy at row 15
+
+    report = _run(_tables(rows), tmp_path, DROP)
+
+    assert report.success, report.summary()
+    assert report.quarantined.select("row", "quarantined_by").rows() == [
+        (1, "rating_out_of_scale"),
+        (15, "duplicate_events,rating_out_of_scale"),
+    ]
+    assert report.quarantine["by_rule"] == {
+        "null_keys": 0, "duplicate_events": 1, "rating_out_of_scale": 2, "unknown_items": 0
+    }  # fmt: skip
+
+
+def test_fail_rules_quarantine_nothing(tmp_path):
+    report = _run(_tables(_duplicate(4)(_clean_rows())), tmp_path)  # PARAMS: every rule "fail"
+
+    assert not report.success
+    assert report.quarantined.height == 0 and "drop_budget" not in {c.check for c in report.checks}
+
+
+def test_more_than_max_drop_fraction_fails_naming_the_check_and_keeps_the_old_quarantine(tmp_path):
+    quarantine_dir, docs = tmp_path / "quarantine", tmp_path / "data_docs"
+    params = DROP.model_copy(update={"max_drop_fraction": 0.1})
+    first = validate_tables(_tables(_set(1, rating=7.0)(_clean_rows())), params, docs, NOW, quarantine_dir)
+    assert first.success, first.summary()
+    before = (quarantine_dir / "interactions.parquet").read_bytes()
+
+    rows = _set(2, rating=9.0)(_set(1, rating=7.0)(_clean_rows()))  # 2 of 15 = 13 % > 10 %
+    report = validate_tables(_tables(rows), params, docs, NOW, quarantine_dir)
+
+    assert not report.success
+    failed = _failed(report)
+    assert list(failed) == ["interactions.rating", "interactions.quarantined_by"], report.summary()
+    assert (failed["interactions.rating"].unexpected_count, failed["interactions.rating"].examples) == (2, [7.0, 9.0])
+    budget = failed["interactions.quarantined_by"]
+    assert budget.check == "drop_budget" and budget.message == (
+        "2 of 15 rows (13.33%) would be quarantined, more than validation.max_drop_fraction (10.00%): "
+        "rating_out_of_scale 2"
+    )
+    assert "Quarantine: none written (validation failed)" in report.summary()
+    assert (quarantine_dir / "interactions.parquet").read_bytes() == before

@@ -180,6 +180,11 @@ def ingest(obj: Context):
         f"data/canonical: {rows['interactions']:,} interactions, {rows['users']:,} users, "
         f"{rows['items']:,} items (raw DVC hash {manifest['raw_dvc_hash']})"
     )
+    if manifest["rating_scale"]:
+        click.echo(
+            f"rating scale {manifest['rating_scale']} ({manifest['rating_scale_origin']}): "
+            f"{manifest['rating_scale_outside']:,} rated rows outside it (validation.repair.rating_out_of_scale)"
+        )
 
 
 @cli.command()
@@ -187,12 +192,14 @@ def ingest(obj: Context):
 def validate(obj: Context):
     """Check data/canonical with the Great Expectations suites; fail (exit 3) on bad data.
 
-    Writes reports/validation.json and Data Docs in reports/data_docs/.
+    Writes reports/validation.json, Data Docs in reports/data_docs/ and, when it passes,
+    reports/quarantine/interactions.parquet: the rows the validation.repair drop rules remove.
 
     \b
     Examples:
       userlens validate
       userlens --set validation.short_users=fail validate
+      userlens --set validation.repair.duplicate_events=fail validate
     """
     from userlens import stages
 
@@ -215,7 +222,8 @@ def sequences(obj: Context):
     manifest = stages.build_sequences(obj.project, obj.params())
     click.echo(
         f"data/sequences: {manifest['n_users']:,} users, {manifest['n_history_events']:,} history "
-        f"and {manifest['n_future_events']:,} future events"
+        f"and {manifest['n_future_events']:,} future events ({manifest['quarantined_events']:,} quarantined "
+        "events left out)"
     )
 
 
@@ -225,21 +233,23 @@ def sequences(obj: Context):
 def pretrain(obj: Context, no_progress):
     """Train the Barlow Twins user encoder on data/sequences; export its user embeddings.
 
-    Checkpoints every epoch in data/models/barlow_twins/ and resumes from there after a crash
-    (same settings and data only). Uses CUDA when present.
+    The budget is `pretrain.steps` optimiser steps of `pretrain.batch_size` users. Checkpoints
+    every `pretrain.eval_every` steps in data/models/barlow_twins/ and resumes from there after
+    a crash (same settings and data only). Uses CUDA when present.
 
     \b
     Examples:
       userlens pretrain
-      userlens --set pretrain.epochs=5 --set pretrain.batch_size=64 pretrain
+      userlens --set pretrain.steps=2000 --set pretrain.batch_size=64 pretrain
+      userlens --set pretrain.selection=probe pretrain     # keep the round with the best validation probe
     """
     from userlens import stages
 
     manifest = stages.pretrain(obj.project, obj.params(), progress=not no_progress)
+    selection = manifest["selection"]
     click.echo(
-        f"barlow_twins {manifest['model_version']}: {manifest['epochs_run']} epochs, best epoch "
-        f"{manifest['best_epoch']} (validation probe {manifest['best_validation_score']:.3f}); "
-        "embeddings in data/embeddings/barlow_twins.parquet"
+        f"barlow_twins {manifest['model_version']}: {manifest['steps_run']} steps, exported step "
+        f"{selection['step']} ({selection['reason']}); embeddings in data/embeddings/barlow_twins.parquet"
     )
 
 
@@ -279,6 +289,30 @@ def evaluate(obj: Context, no_progress):
 
     stages.evaluate(obj.project, obj.params(), progress=not no_progress)
     click.echo((obj.project.reports_dir / "report.md").read_text())
+
+
+@cli.command()
+@click.pass_obj
+def sweep(obj: Context):
+    """Search Barlow Twins recipes on validation users only, in parallel on Dask.
+
+    Trains every entry of `sweep.candidates` (name -> settings overrides, on top of the
+    current settings) on data/sequences as the Prefect flow `recipe_sweep`, each in its own
+    Dask worker (a local cluster of `sweep.workers` processes, or the scheduler at
+    `sweep.address`), scores each on the validation users' labels only (never a test user),
+    and writes reports/sweep.json and reports/sweep.md with the selected recipe.
+
+    \b
+    Examples:
+      userlens sweep
+      userlens --set sweep.address=tcp://scheduler:8786 sweep
+      userlens --set 'sweep.candidates={"a": {}, "b": {"pretrain.lambd": 0.05}}' sweep
+    """
+    if not obj.debug:
+        _hide_expected_tracebacks()
+    run_sweep = load_flow(obj.project, "run", "sweep_pipeline")
+    run_sweep(project_dir=str(obj.project.root), overrides=obj.overrides, params_file=str(obj.params_file))
+    click.echo((obj.project.reports_dir / "sweep.md").read_text())
 
 
 @cli.command()
@@ -656,15 +690,15 @@ def _hide_expected_tracebacks() -> None:
         logging.getLogger(name).addFilter(_ExpectedErrorFilter())
 
 
-def load_flow(project: Project, name: str = "training_pipeline"):
-    """Import <project>/flows/training_pipeline.py, the flow definitions Prefect deployments also use;
-    returns its attribute `name` (a flow, or `deployments`)."""
-    path = project.root / "flows" / "training_pipeline.py"
+def load_flow(project: Project, name: str = "training_pipeline", file: str = "training_pipeline"):
+    """Import <project>/flows/<file>.py, the flow definitions Prefect deployments also use;
+    returns its attribute `name` (a flow, `deployments`, or the sweep's `run`)."""
+    path = project.root / "flows" / f"{file}.py"
     if not path.exists():
         raise UserlensError(
             f"{path} not found: run `userlens run` from the userlens project folder (or pass --project)"
         )
-    spec = importlib.util.spec_from_file_location("userlens_flows_training_pipeline", path)
+    spec = importlib.util.spec_from_file_location(f"userlens_flows_{file}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # Prefect finds a deployment's entrypoint through the module
     spec.loader.exec_module(module)

@@ -10,7 +10,7 @@ recent; a history longer than `max_length` keeps its `max_length` most recent ev
 
 Only histories are turned into model inputs. Future windows are evaluation labels: the one
 thing read from them is `next_item` (the first future item per user, for next-item metrics).
-The dual encoder's training pairs come from the history alone (`history_next_item`).
+The dual encoder's training pairs come from the history alone (model.DualEncoder).
 
 A user with an empty history (possible only for hand-made or newer data; the sequences
 stage keeps at least one history event per user) is an all-padding row; the encoder maps
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -221,36 +221,6 @@ class SequenceData:
             gaps=self.gaps[users, :width],
             padding=positions[None, :] >= self.lengths[users, None],
         )
-
-    def history_next_item(
-        self, user_indices: torch.Tensor | Sequence[int], generator: torch.Generator | None = None
-    ) -> tuple[Batch, torch.Tensor]:
-        """Dual-encoder training pairs from the HISTORY only: (prefix batch, target token ids).
-
-        The target is the history event at position t and the prefix the events before it.
-        Without a generator t is the last event (one pair per user); with one, t is drawn
-        uniformly from 1..length-1 (more distinct pairs per epoch). A one-event history gives
-        an empty prefix (the "empty user" path); an empty history gives target -1 (ignored).
-        """
-        full = self.batch(user_indices)
-        lengths = full.lengths
-        if generator is None:
-            t = (lengths - 1).clamp(min=0)
-        else:
-            u = torch.rand(len(full), generator=generator, device=generator.device).to(lengths.device)
-            t = torch.where(lengths >= 2, 1 + (u * (lengths - 1)).long().clamp(max=(lengths - 2).clamp(min=0)), 0)
-        targets = full.items.gather(1, t[:, None]).squeeze(1)
-        targets = torch.where(lengths > 0, targets, torch.full_like(targets, -1))
-        padding = torch.arange(full.items.shape[1])[None, :] >= t[:, None]
-        prefix = replace(
-            full,
-            items=full.items.masked_fill(padding, PAD),
-            ratings=full.ratings.masked_fill(padding, 0.0),
-            has_rating=full.has_rating & ~padding,
-            gaps=full.gaps.masked_fill(padding, 0.0),
-            padding=padding,
-        )
-        return prefix, targets
 
 
 def _offsets(lists: pa.Array) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any
 from userlens.config import GateParams
 from userlens.errors import UserlensError
 from userlens.evaluate import fraction_key
+from userlens.report import task_results
 
 REFERENCE = "barlow_twins"
 
@@ -37,6 +38,7 @@ def decide(
     every check is {"task", "rule", "passed", "value", "threshold", "reason"}.
     """
     key = fraction_key(gate.label_fraction)
+    metrics = task_results(metrics)
     checks: list[dict[str, Any]] = []
     for task, rule in gate.tasks.items():
         if task not in metrics:
@@ -80,6 +82,9 @@ def decide(
                     f"{'>=' if ok else '<'} required {need:+.3f}",
                 )
             )
+    if all(check["rule"] == "present" for check in checks):  # every gated task was optional and absent
+        reason = "no gated task was evaluated on this data: nothing shows the candidate is good"
+        checks.append(_check("*", "evaluated", False, None, None, reason))
     passed = all(check["passed"] for check in checks)
     return {
         "passed": passed,

@@ -1,8 +1,11 @@
 """The models, in one file: the user encoder, Barlow Twins, and the dual-encoder baseline.
 
 UserEncoder: each event = item embedding + projected item categories + projected rating
-+ projected log time gap + learned recency position; a CLS token is prepended; pre-norm
-Transformer blocks with a padding mask; pooling; LayerNorm -> one vector per user.
++ projected log time gap + learned position; a CLS token is prepended; pre-norm
+Transformer blocks with a padding mask; pooling; LayerNorm; an output whitening (identity
+until fitted) -> one vector per user. Bidirectional by default, with recency positions
+(0 = most recent event). Causal (the dual encoder's user tower) uses positions counted from
+the oldest kept event, so one pass yields the user after every prefix of the history.
 
 The CLS token is always present, so attention always has a key to look at (rows that are
 all padding give no NaN) and it doubles as the learned "empty user" embedding: a user with
@@ -12,8 +15,9 @@ BarlowTwins (Zbontar et al. 2021, after facebookresearch/barlowtwins): two augme
 -> encoder -> projector MLP -> cross-correlation of the batch-normalised projections driven
 towards the identity.
 
-DualEncoder: the same encoder as user tower, an item tower, and a next-item softmax over
-in-batch negatives with an optional logQ correction (Yi et al. 2019).
+DualEncoder: the same encoder, causal, as user tower (SASRec-style: every prefix of a
+history predicts the event after it), an item tower, and a next-item softmax over the batch's
+distinct target items as negatives with an optional logQ correction (Yi et al. 2019).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from userlens.data import N_SPECIAL, OOV, PAD, Batch, SequenceData, remap_unknow
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x)); `attend` [B, T] masks keys."""
+    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x)).
+
+    `attend` [B, 1, T] (keys every query may see) or [B, T, T] (per query: causal)."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -43,30 +49,42 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).split(D, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
         # Dropout acts on the residual branches only: on the attention weights it cost a third of a CPU step.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None])
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class UserEncoder(nn.Module):
-    """Batch of histories -> user embeddings [B, d_model]."""
+    """Batch of histories -> user embeddings [B, d_model].
+
+    `is_causal`, `output_mean` and `output_whitening` are buffers, so a saved encoder.pt
+    carries them and every loader (registry, fine-tuning, refresh) rebuilds the same function.
+    """
 
     item_categories: torch.Tensor  # buffer [n_items + 3, C]
+    is_causal: torch.Tensor  # buffer, bool scalar
+    output_mean: torch.Tensor  # buffer [d]: subtracted from the output (0 until fitted)
+    output_whitening: torch.Tensor  # buffer [d, d]: applied after centring (identity until fitted)
 
     def __init__(self, params: ModelParams, n_items: int, n_categories: int, max_length: int,
-                 item_categories: torch.Tensor | None = None):
+                 item_categories: torch.Tensor | None = None, causal: bool = False):
         super().__init__()
         d = params.d_model
         self.pooling, self.max_length, self.n_items = params.pooling, max_length, n_items
+        if causal and params.pooling == "cls":
+            raise ValueError("a causal encoder cannot pool on CLS: it sees no event (use mean or last)")
         if item_categories is None:
             item_categories = torch.zeros(n_items + N_SPECIAL, n_categories)
         assert item_categories.shape == (n_items + N_SPECIAL, n_categories), "item_categories: [n_items + 3, C]"
         self.register_buffer("item_categories", item_categories.float().clone())
+        self.register_buffer("is_causal", torch.tensor(causal))
+        self.register_buffer("output_mean", torch.zeros(d))
+        self.register_buffer("output_whitening", torch.eye(d))
         self.item_emb = nn.Embedding(n_items + N_SPECIAL, d, padding_idx=PAD)
         self.category_proj = nn.Linear(n_categories, d, bias=False)
         self.rating_proj = nn.Linear(2, d, bias=False)  # (rating, has_rating)
         self.gap_proj = nn.Linear(1, d, bias=False)
-        self.position_emb = nn.Embedding(max_length, d)  # 0 = most recent event
+        self.position_emb = nn.Embedding(max_length, d)  # recency (bidirectional) or from the oldest (causal)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.drop = nn.Dropout(params.dropout)
         self.blocks = nn.ModuleList(Block(d, params.n_heads, params.dropout) for _ in range(params.n_layers))
@@ -79,45 +97,90 @@ class UserEncoder(nn.Module):
             self.item_emb.weight[OOV].zero_()
 
     @classmethod
-    def for_data(cls, params: ModelParams, data: SequenceData) -> UserEncoder:
+    def for_data(cls, params: ModelParams, data: SequenceData, causal: bool = False) -> UserEncoder:
         """An encoder sized for `data` (vocabulary, categories, max_length) with its item table."""
-        return cls(params, data.n_items, data.n_categories, data.max_length, data.item_categories)
+        return cls(params, data.n_items, data.n_categories, data.max_length, data.item_categories, causal)
 
     @property
     def d_model(self) -> int:
         return self.cls.shape[-1]
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def _states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformer outputs [B, 1 + L, D] (CLS first) and the real-event mask [B, L]."""
         items, real = batch.items, ~batch.padding
         B, L = items.shape
         if L > self.max_length:
             raise ValueError(f"batch has {L} positions, the encoder at most {self.max_length}")
         items = remap_unknown(items, self.n_items)  # ids beyond the trained vocabulary -> OOV
-        lengths = real.sum(1)
-        recency = (lengths[:, None] - 1 - torch.arange(L, device=items.device)).clamp(min=0)
+        causal = bool(self.is_causal)
+        positions = torch.arange(L, device=items.device)
+        if causal:
+            position = positions.expand(B, L)
+        else:
+            position = (real.sum(1)[:, None] - 1 - positions).clamp(min=0)  # 0 = most recent
         rating = torch.stack([batch.ratings, batch.has_rating.to(batch.ratings.dtype)], dim=-1)
         x = (
             self.item_emb(items)
             + self.category_proj(self.item_categories[items])
             + self.rating_proj(rating)
             + self.gap_proj(batch.gaps[..., None])
-            + self.position_emb(recency)
+            + self.position_emb(position)
         )
         x = x * real[..., None]  # padded positions carry nothing
         x = self.drop(torch.cat([self.cls.expand(B, 1, -1).to(x.dtype), x], dim=1))
-        attend = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)  # CLS is always attended
+        attend = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)[:, None, :]  # CLS is always attended
+        if causal:  # right padding: a real event never attends to a later (or padded) position
+            attend = attend & torch.ones(L + 1, L + 1, dtype=torch.bool, device=items.device).tril()
         for block in self.blocks:
             x = block(x, attend)
+        return x, real
+
+    def _output(self, pooled: torch.Tensor) -> torch.Tensor:
+        return (self.ln_out(pooled) - self.output_mean) @ self.output_whitening
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x, real = self._states(batch)
         cls, events = x[:, 0], x[:, 1:]
+        lengths = real.sum(1)
+        B = len(lengths)
         if self.pooling == "cls":
             pooled = cls
         elif self.pooling == "mean":
             mean = (events * real[..., None]).sum(1) / lengths.clamp(min=1)[:, None]
             pooled = torch.where(lengths[:, None] > 0, mean, cls)
         else:  # "last": the most recent event
-            last = events[torch.arange(B, device=items.device), (lengths - 1).clamp(min=0)]
+            last = events[torch.arange(B, device=events.device), (lengths - 1).clamp(min=0)]
             pooled = torch.where(lengths[:, None] > 0, last, cls)
-        return self.ln_out(pooled)
+        return self._output(pooled)
+
+    def prefix_embeddings(self, batch: Batch) -> torch.Tensor:
+        """[B, L, D]: position t holds the user after events 0..t, exactly what `forward` gives
+        for the history cut after t (causal encoders only; rows past a history's end are junk)."""
+        if not bool(self.is_causal):
+            raise ValueError("prefix embeddings need a causal encoder")
+        x, real = self._states(batch)
+        events = x[:, 1:]
+        if self.pooling == "last":
+            return self._output(events)
+        counts = torch.arange(1, events.shape[1] + 1, device=events.device, dtype=events.dtype)
+        return self._output((events * real[..., None]).cumsum(1) / counts[None, :, None])
+
+    @torch.no_grad()
+    def fit_whitening(self, embeddings: torch.Tensor, shrinkage: float) -> None:
+        """Centre and whiten the output on these users' raw embeddings (ZCA, eigenvalues shrunk
+        towards their mean by `shrinkage`), so exported vectors are centred with an even
+        spectrum: cosine and dot-product consumers then see taste, not one shared direction."""
+        self.output_mean.zero_()
+        self.output_whitening.copy_(torch.eye(self.d_model, device=self.output_whitening.device))
+        x = embeddings.double()
+        mean = x.mean(0)
+        cov = torch.cov((x - mean).T, correction=0)
+        values, vectors = torch.linalg.eigh(cov)
+        values = values.clamp(min=0)
+        values = (1 - shrinkage) * values + shrinkage * values.mean()
+        scale = values.clamp(min=1e-12).rsqrt()
+        self.output_mean.copy_(mean.to(self.output_mean.dtype))
+        self.output_whitening.copy_((vectors * scale) @ vectors.T)
 
 
 def off_diagonal(c: torch.Tensor) -> torch.Tensor:
@@ -157,22 +220,27 @@ class BarlowTwins(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """Two-tower next-item model: user tower = UserEncoder, item tower = item id + categories.
+    """Two-tower next-item model: user tower = a causal UserEncoder, item tower = item id + categories.
 
-    Both towers' outputs are L2-normalised, so u·v is a cosine and `temperature` sets the
-    logit scale. The in-batch softmax treats the other users' positives as negatives; with
-    logq_correction, log q(item) (its share of `item_counts`) is subtracted from each logit,
-    so popular items are not over-penalised for turning up as negatives more often.
+    Trained on every (prefix, next event) pair of the batch's histories at once: the causal
+    encoder gives the user after each prefix in one pass (SASRec-style), so a batch of B users
+    yields up to B * (L - 1) pairs instead of B. The negatives of a pair are the batch's other
+    distinct target items (a sampled softmax); with logq_correction, log q(item) (its share of
+    `item_counts`) is subtracted from each logit, so popular items, which turn up as negatives
+    more often, are not over-penalised (Yi et al. 2019). Both towers are L2-normalised, so u·v
+    is a cosine and `temperature` sets the logit scale.
     """
 
     log_q: torch.Tensor  # buffer [n_items + 3]
 
     def __init__(self, encoder: UserEncoder, n_items: int, n_categories: int, item_counts: torch.Tensor,
-                 temperature: float, logq_correction: bool):
+                 temperature: float, logq_correction: bool, max_pairs: int):
         super().__init__()
         assert n_items == encoder.n_items, "the towers share one vocabulary"
+        assert bool(encoder.is_causal), "the dual encoder trains on prefixes: its user tower must be causal"
         d = encoder.d_model
         self.encoder, self.temperature, self.logq_correction = encoder, temperature, logq_correction
+        self.max_pairs = max_pairs
         # The item tower's own id table; categories come from the encoder's item table.
         self.item_emb = nn.Embedding(n_items + N_SPECIAL, d, padding_idx=PAD)
         nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -192,16 +260,24 @@ class DualEncoder(nn.Module):
     def user_vectors(self, batch: Batch) -> torch.Tensor:
         return F.normalize(self.encoder(batch), dim=-1)
 
-    def forward(self, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
-        keep = targets >= 0  # -1 = no target (empty history)
-        u = self.user_vectors(batch)[keep]
-        targets = targets[keep]
-        v = self.item_vectors(targets)
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sampled-softmax loss of next-event prediction over the batch's (prefix, next) pairs;
+        at most `max_pairs` of them, drawn uniformly with `generator` when there are more."""
+        states = F.normalize(self.encoder.prefix_embeddings(batch), dim=-1)  # [B, L, D]
+        lengths = batch.lengths
+        positions = torch.arange(batch.items.shape[1], device=lengths.device)
+        rows, cols = (positions[None, :] + 1 < lengths[:, None]).nonzero(as_tuple=True)  # prefix 0..t -> t + 1
+        if len(rows) > self.max_pairs:
+            pick = torch.randperm(len(rows), generator=generator, device=generator.device if generator else "cpu")
+            pick = pick[: self.max_pairs].to(rows.device)
+            rows, cols = rows[pick], cols[pick]
+        if not len(rows):  # no history has two events: nothing to predict
+            return states.sum() * 0.0
+        targets = batch.items[rows, cols + 1]
+        candidates, column = torch.unique(targets, return_inverse=True)  # each distinct item once
+        u, v = states[rows, cols], self.item_vectors(candidates)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            logits = u.float() @ v.float().T / self.temperature  # [B, B]: row = user, column = item
+            logits = u.float() @ v.float().T / self.temperature  # [pairs, distinct items]
             if self.logq_correction:
-                logits = logits - self.log_q[targets][None, :]
-            # A user whose target is also another column's target: that column is no negative.
-            same = (targets[:, None] == targets[None, :]) & ~torch.eye(len(targets), dtype=torch.bool, device=u.device)
-            logits = logits.masked_fill(same, float("-inf"))
-            return F.cross_entropy(logits, torch.arange(len(targets), device=u.device))
+                logits = logits - self.log_q[candidates][None, :]
+            return F.cross_entropy(logits, column)

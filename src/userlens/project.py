@@ -53,6 +53,10 @@ class Project:
         return self.reports_dir / "data_docs"
 
     @property
+    def quarantine_dir(self) -> Path:
+        return self.reports_dir / "quarantine"
+
+    @property
     def data_summary(self) -> Path:
         return self.reports_dir / "data_summary.md"
 

@@ -15,6 +15,7 @@ import polars as pl
 from userlens.config import Params
 from userlens.evaluate import fraction_key
 from userlens.io import read_json
+from userlens.report import GEOMETRY, geometry_table, task_results
 
 
 def markdown(project, params: Params, results: dict[str, Any]) -> str:
@@ -31,6 +32,7 @@ def markdown(project, params: Params, results: dict[str, Any]) -> str:
     lines += _comparison(project, decision) + [""]
     lines += [f"## Gate: {'PROMOTE' if decision.get('passed') else 'BLOCKED'} {decision.get('model_version', '')}", ""]
     lines += [f"- {reason}" for reason in decision.get("reasons", [])] + [""]
+    lines += _geometry(project)
     lines += ["## Online store", "", *_materialized(results), ""]
     user = example_user(project)
     if user is not None:
@@ -53,7 +55,7 @@ def metrics_rows(project, params: Params) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for task, by_method in read_json(path).items():
+    for task, by_method in task_results(read_json(path)).items():
         for method, entry in by_method.items():
             if "scorer" in entry:  # ranking task: one row per metric
                 for metric, stat in entry.items():
@@ -104,6 +106,12 @@ def _mean(by_method: dict, method: str, probe: str, key: str) -> str:
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def _geometry(project) -> list[str]:
+    metrics_path = project.reports_dir / "metrics.json"
+    geometry = read_json(metrics_path).get(GEOMETRY) if metrics_path.exists() else None
+    return geometry_table(geometry) if geometry else []
 
 
 def _materialized(results: dict) -> list[str]:

@@ -27,6 +27,15 @@ USERS_KEY_SCHEMA = {"user_id": pl.String}
 TABLES = ("interactions", "items", "users")
 
 
+def outside_scale(scale: tuple[float, float] | None) -> pl.Expr:
+    """True for an interaction whose rating lies outside `scale`; a null rating (implicit
+    feedback) and no scale at all are never outside. Float64, like the values GX compares."""
+    if scale is None:
+        return pl.lit(False)
+    rating = pl.col("rating").cast(pl.Float64)
+    return rating.is_not_null() & ~rating.is_between(*scale)
+
+
 @dataclass
 class CanonicalTables:
     """The three canonical tables plus what is known about the rating scale."""

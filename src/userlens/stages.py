@@ -30,7 +30,7 @@ from userlens.io import (
     write_json_atomic,
 )
 from userlens.project import Project
-from userlens.schema import TABLES, CanonicalTables
+from userlens.schema import TABLES, CanonicalTables, outside_scale
 from userlens.sequences import dense_codes, split_sequences
 from userlens.sources import read_source, snapshot_source
 from userlens.versioning import add_and_push, dvc_hash
@@ -74,6 +74,8 @@ def ingest(project: Project, params: Params) -> dict:
         "rows": {name: getattr(tables, name).height for name in TABLES},
         "rating_scale": list(tables.rating_scale) if tables.rating_scale else None,
         "rating_scale_origin": tables.rating_scale_origin,
+        # rated rows outside the scale: validation.repair.rating_out_of_scale decides their fate
+        "rating_scale_outside": tables.interactions.select(outside_scale(tables.rating_scale).sum()).item(),
         "notes": tables.notes,
     }
     with atomic_dir(project.canonical_dir) as staging:
@@ -96,15 +98,18 @@ def load_canonical(project: Project) -> tuple[CanonicalTables, dict]:
 
 
 def validate(project: Project, params: Params, now: int | None = None):
-    """Run the GX suites on data/canonical; write reports/validation.json and Data Docs.
+    """Run the GX suites on data/canonical; write reports/validation.json, Data Docs and, when
+    it passes, reports/quarantine/interactions.parquet (the rows the repair rules drop).
 
     Raises ValidationFailed (with the human summary) when any expectation fails, so nothing
-    downstream runs.
+    downstream runs; the last passing run's quarantine stays as it was.
     """
     from userlens.validation import validate_tables
 
     tables, manifest = load_canonical(project)
-    report = validate_tables(tables, params.validation, project.data_docs_dir, now=now)
+    report = validate_tables(
+        tables, params.validation, project.data_docs_dir, now=now, quarantine_dir=project.quarantine_dir
+    )
     record = {
         **report.to_dict(),
         "summary": report.summary(),
@@ -125,13 +130,14 @@ def build_sequences(project: Project, params: Params) -> dict:
     """Validated canonical tables -> data/sequences/{sequences,users,items}.parquet + manifest.json.
 
     Refuses tables that have not passed validation: reports/validation.json must say success
-    for exactly the canonical tables on disk.
+    for exactly the canonical tables on disk. The interactions validation quarantined (the
+    repair rules' drops, reports/quarantine/) are left out.
     """
     tables, canonical = load_canonical(project)
-    _require_validated(project)
+    quarantine = _require_validated(project)
     start = time.perf_counter()
     min_events, rule = params.validation.min_events_per_user, params.validation.short_users
-    interactions = tables.interactions
+    interactions = _without_quarantined(tables.interactions, quarantine)
     # Dense indices in sorted id order; the maps are saved as users.parquet / items.parquet.
     user_ids = interactions["user_id"].unique().sort()
     user_index = dense_codes(interactions["user_id"], user_ids).to_numpy()
@@ -160,10 +166,11 @@ def build_sequences(project: Project, params: Params) -> dict:
     sequences = split_sequences(events, params.sequences)
 
     categories = sorted(set(tables.items["categories"].explode().drop_nulls().to_list()))
-    category_index = {name: i for i, name in enumerate(categories)}
     items_out = items.join(tables.items, on="item_id", maintain_order="left").with_columns(
+        # An Enum's physical value is the position in `categories`. (replace_strict with an empty
+        # mapping, data without categories, returns its list<str> input: SequenceData cannot read it.)
         category_index=pl.col("categories").list.eval(
-            pl.element().replace_strict(category_index, return_dtype=pl.Int32)
+            pl.element().cast(pl.Enum(categories)).to_physical().cast(pl.Int32)
         )
     )
     users_out = users.join(tables.users, on="user_id", how="left", maintain_order="left").join(
@@ -187,6 +194,7 @@ def build_sequences(project: Project, params: Params) -> dict:
         "n_history_events": int(users_out["n_history"].sum()),
         "n_future_events": int(users_out["n_future"].sum()),
         "short_users": {"count": int(short.sum()), "min_events": min_events, "rule": rule},
+        "quarantined_events": quarantine.height,  # left out: reports/quarantine/interactions.parquet
         "categories": categories,
         "rating_scale": canonical["rating_scale"],
     }
@@ -205,7 +213,18 @@ def build_sequences(project: Project, params: Params) -> dict:
     return manifest
 
 
-def _require_validated(project: Project) -> None:
+def _without_quarantined(interactions: pl.DataFrame, quarantine: pl.DataFrame) -> pl.DataFrame:
+    """The canonical interactions less the rows validation quarantined (by row number)."""
+    from userlens.validation import QUARANTINE_ROW
+
+    keep = np.ones(interactions.height, dtype=bool)
+    keep[quarantine[QUARANTINE_ROW].to_numpy()] = False
+    return interactions.filter(pl.Series(keep))
+
+
+def _require_validated(project: Project) -> pl.DataFrame:
+    """Check that reports/validation.json passed the canonical tables on disk; returns the
+    quarantined interactions that validation recorded (their file must be the one it wrote)."""
     path = project.validation_report
     if not path.exists():
         raise UserlensError("the canonical tables have not been validated: run `userlens validate` first")
@@ -219,6 +238,14 @@ def _require_validated(project: Project) -> None:
         raise ValidationFailed(
             "the canonical tables failed validation (reports/validation.json); fix the data and rerun"
         )
+    quarantine = project.quarantine_dir / "interactions.parquet"
+    recorded = (record.get("quarantine") or {}).get("sha256")
+    if not quarantine.exists() or recorded != file_sha256(quarantine):
+        raise UserlensError(
+            f"{project.relative(quarantine)} is not the quarantine that reports/validation.json recorded: "
+            "run `userlens validate` first"
+        )
+    return pl.read_parquet(quarantine)
 
 
 def summary_markdown(project: Project, params: Params, stages: dict) -> str:
@@ -236,12 +263,18 @@ def summary_markdown(project: Project, params: Params, stages: dict) -> str:
         f"| interactions | {rows.get('interactions', 0):,} |",
         f"| users | {rows.get('users', 0):,} |",
         f"| items | {rows.get('items', 0):,} |",
-        f"| rating scale | {ingest_info.get('rating_scale')} ({ingest_info.get('rating_scale_origin')}) |",
+        f"| rating scale | {ingest_info.get('rating_scale')} ({ingest_info.get('rating_scale_origin')}; "
+        f"{ingest_info.get('rating_scale_outside', 0):,} rated rows outside) |",
     ]
     if validation is not None:
         docs = validation.get("data_docs_index")
         lines.append(f"| validation | {'passed' if validation['success'] else 'FAILED'} |")
         lines.append(f"| Data Docs | `{project.relative(Path(docs)) if docs else 'n/a'}` |")
+        if quarantine := validation.get("quarantine"):
+            from userlens.validation import drop_counts
+
+            where = f"`{project.relative(Path(quarantine['file']))}`" if "file" in quarantine else "nothing written"
+            lines.append(f"| quarantined interactions | {quarantine['rows']:,} ({drop_counts(quarantine)}): {where} |")
     if seq is not None:
         short = seq["short_users"]
         lines += [
@@ -268,8 +301,8 @@ def pretrain(project: Project, params: Params, progress: bool = True) -> dict:
     """data/sequences -> Barlow Twins encoder in data/models/barlow_twins/ + its user embeddings."""
     from userlens.pretraining import train_barlow_twins
 
-    data, labels, sequences = _training_inputs(project, params)
-    out_dir = _model_dir(project, "barlow_twins", params, sequences)
+    data, labels, sequences = training_inputs(project, params)
+    out_dir = model_dir(project, "barlow_twins", params, sequences)
     encoder, result = train_barlow_twins(data, params, labels, out_dir, progress)
     return _export_model(project, out_dir, params, sequences, encoder, data, result)
 
@@ -282,8 +315,8 @@ def train_baselines(project: Project, params: Params, progress: bool = True) -> 
     from userlens.data import N_SPECIAL
     from userlens.pretraining import train_dual_encoder
 
-    data, labels, sequences = _training_inputs(project, params)
-    out_dir = _model_dir(project, "dual_encoder", params, sequences)
+    data, labels, sequences = training_inputs(project, params)
+    out_dir = model_dir(project, "dual_encoder", params, sequences)
     dual, result = train_dual_encoder(data, params, labels, out_dir, progress)
     summary = {"dual_encoder": _export_model(project, out_dir, params, sequences, dual.encoder, data, result)}
     with torch.no_grad():  # the item tower's vectors in item_index order, for next-item ranking
@@ -308,8 +341,10 @@ def train_baselines(project: Project, params: Params, progress: bool = True) -> 
 def evaluate(project: Project, params: Params, progress: bool = True) -> dict:
     """Frozen embeddings of every method -> reports/metrics.json, report.md, label_curves.png."""
     from userlens.embeddings import read_embeddings
-    from userlens.evaluate import build_tasks, evaluate_methods, write_report
+    from userlens.evaluate import build_tasks, evaluate_methods, history_favourite_category
+    from userlens.geometry import geometry, neighbour_taste
     from userlens.pretraining import validation_users
+    from userlens.report import GEOMETRY, write_report
 
     user_ids = pl.read_parquet(project.sequences_dir / "users.parquet", columns=["user_id"])["user_id"].to_list()
     embeddings, item_vectors = {}, {}
@@ -326,11 +361,16 @@ def evaluate(project: Project, params: Params, progress: bool = True) -> dict:
             item_vectors[method] = np.load(items)
     if not embeddings:
         raise UserlensError("no embeddings in data/embeddings/: run `userlens pretrain` and `userlens baselines` first")
-    held_out = validation_users(len(user_ids), params)  # their labels chose the epochs: not for testing
+    held_out = validation_users(len(user_ids), params)  # their labels drive selection: not for testing
     tasks = {name: _without(task, held_out) for name, task in build_tasks(project.sequences_dir).items()}
     results = evaluate_methods(embeddings, tasks, params.evaluate, item_vectors=item_vectors, progress=progress)
     if params.evaluate.finetune.enabled:
         _add_finetuned(project, params, results, tasks, progress)
+    favourite = history_favourite_category(project.sequences_dir)  # label-free: the history's own taste
+    seed = params.pretrain.seed
+    results[GEOMETRY] = {
+        m: {**geometry(x, seed), **neighbour_taste(x, favourite, seed=seed)} for m, x in embeddings.items()
+    }
     write_report(results, project.reports_dir, reference="barlow_twins", baseline="dual_encoder", tasks=tasks)
     return results
 
@@ -356,7 +396,7 @@ def _add_finetuned(project: Project, params: Params, results: dict, tasks: dict,
             results[task][method][PROBE] = curve
 
 
-def _training_inputs(project: Project, params: Params):
+def training_inputs(project: Project, params: Params):
     from userlens.data import SequenceData
     from userlens.evaluate import build_tasks
 
@@ -369,15 +409,15 @@ def _training_inputs(project: Project, params: Params):
     return data, labels, read_json(manifest_path)
 
 
-def _model_dir(project: Project, method: str, params: Params, sequences: dict) -> Path:
-    """data/models/<method>/, emptied when its checkpoint came from other settings, data or
-    training code: a resume continues only the same run (a finished one is then just reused)."""
+def model_dir(project: Project, method: str, params: Params, sequences: dict, folder: Path | None = None) -> Path:
+    """data/models/<method>/ (or `folder`), emptied when its checkpoint came from other settings,
+    data or training code: a resume continues only the same run (a finished one is then just reused)."""
     code = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in TRAINING_CODE)).hexdigest()
     key = "|".join(
         [params.section_hash(*TRAINING_SECTIONS[method]), str(params.sequences.max_length),
          sequences["raw_dvc_hash"], sequences["params_hash"], code[:16]]
     )  # fmt: skip
-    folder = project.model_dir(method)
+    folder = project.model_dir(method) if folder is None else folder
     marker = folder / RUN_KEY
     if folder.exists() and (not marker.exists() or marker.read_text() != key):
         shutil.rmtree(folder)
@@ -405,16 +445,21 @@ def _export_model(project: Project, model_dir: Path, params: Params, sequences: 
         "git_revision": git_revision(project.root),
         "created_at": utc_now(),
         "users": rows,
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "best_validation_score": result.best_score,
+        "steps_run": result.steps_run,
+        "batch_size": params.pretrain.batch_size,
+        "selection": {
+            "rule": result.selection,
+            "step": result.selected_step,
+            "reason": result.reason,
+            "validation_score": result.best_score,
+        },  # fmt: skip
         "stopped_early": result.stopped_early,
         "seconds": round(result.seconds, 2),
         "final": result.history[-1] if result.history else None,
     }
     write_json_atomic(model_dir / MANIFEST, manifest)
-    log.info("%s: %d epochs (best %d, validation %.3f), %d users exported", method, result.epochs_run,
-             result.best_epoch, result.best_score, rows)  # fmt: skip
+    log.info("%s: %d steps, selected step %d (%s), %d users exported", method, result.steps_run,
+             result.selected_step, result.reason, rows)  # fmt: skip
     return manifest
 
 

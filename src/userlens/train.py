@@ -1,14 +1,19 @@
 """The training loop shared by Barlow Twins and the dual encoder (the loop only; models live in model.py).
 
+- the budget is counted in optimiser steps (`steps`, each of `batch_size` users), not epochs:
+  a small dataset is then not starved (943 users at batch 128 are 7 steps an epoch) and a
+  large one does not take hours per "epoch";
 - device chosen automatically (CUDA -> MPS -> CPU), bf16 autocast on CUDA;
-- AdamW with linear warm-up and cosine decay, gradient clipping;
-- a checkpoint at the end of every epoch (model, optimiser, schedule, RNG, history), written
-  atomically; `fit` resumes from it, and a resumed run ends exactly where an uninterrupted one
-  does because every epoch's shuffling and augmentation draw from generators seeded by
-  (seed, epoch) and the global RNG state is restored;
-- early stopping on a validation score (higher is better), keeping the best weights;
-- a collapse monitor each epoch: per-dimension std and effective rank of the embeddings;
-- per-epoch curves in a CSV for `dvc plots`, and a progress bar with loss and throughput.
+- AdamW with linear warm-up and cosine decay over the budget, gradient clipping;
+- every `eval_every` steps (a round): the validation score, the collapse monitor (per-dimension
+  std, effective rank), a row of curves.csv for `dvc plots`, and a checkpoint (model,
+  optimiser, schedule, RNG, history) written atomically. `fit` resumes from it, and a resumed
+  run ends exactly where an uninterrupted one does: step k's users come from the permutation
+  of its epoch, seeded by (seed, epoch), its augmentations from a generator seeded by
+  (seed, k), and the global RNG (dropout) is restored;
+- selection: "last" exports the final weights (a fixed budget, chosen beforehand on validation
+  users, e.g. by the sweep); "probe" keeps the round with the best validation score and stops
+  after `patience` rounds without a better one. Which round was selected, and why, is returned.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from userlens.config import PretrainParams
+from userlens.geometry import effective_rank
 from userlens.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -47,8 +53,16 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
-    """The RNG of one epoch: the same (seed, epoch) always draws the same batches and views."""
+    """A seeded RNG: the same (seed, epoch, salt) always draws the same numbers."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + salt)
+
+
+STEP_SALT = 104_729  # step generators never coincide with epoch generators
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The RNG of one optimiser step (augmented views, sampled pairs)."""
+    return epoch_generator(seed, step, STEP_SALT)
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -64,20 +78,19 @@ def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], f
 
 
 def collapse_stats(embeddings: np.ndarray) -> dict[str, float]:
-    """Mean per-dimension std and effective rank (exp of the entropy of the normalised singular
-    values; Roy & Vetterli 2007): both fall towards 0 / 1 when the embeddings collapse."""
-    x = embeddings.astype(np.float64) - embeddings.mean(axis=0, keepdims=True)
-    singular = np.linalg.svd(x, compute_uv=False)
-    p = singular / max(singular.sum(), 1e-12)
-    entropy = -(p[p > 0] * np.log(p[p > 0])).sum()
-    return {"embedding_std": float(x.std(axis=0).mean()), "effective_rank": float(np.exp(entropy))}
+    """Mean per-dimension std and effective rank (geometry.effective_rank): both fall towards
+    0 / 1 when the embeddings collapse."""
+    std = embeddings.astype(np.float64).std(axis=0).mean()
+    return {"embedding_std": float(std), "effective_rank": effective_rank(embeddings)}
 
 
 @dataclass
 class FitResult:
-    epochs_run: int
-    best_epoch: int
-    best_score: float
+    steps_run: int
+    selected_step: int
+    selection: str  # "last" or "probe"
+    reason: str  # why that step: one sentence for the manifest and the reports
+    best_score: float  # validation score at the selected step
     stopped_early: bool
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -98,91 +111,100 @@ def fit(
     *,
     desc: str = "train",
     progress: bool = True,
-    stop_after_epochs: int | None = None,
+    stop_after_rounds: int | None = None,
 ) -> FitResult:
-    """Train, checkpointing every epoch into `out_dir`; resume from its checkpoint if present.
-
-    `stop_after_epochs` ends this call early (as a kill after that epoch's checkpoint would):
-    calling `fit` again resumes. The best weights end up in `out_dir/best.pt` and in `model`.
-    """
+    """Train for `params.steps` steps, checkpointing every round into `out_dir`; resume from its
+    checkpoint if present. `stop_after_rounds` ends this call early (as a kill after that
+    round's checkpoint would): calling `fit` again resumes. The selected weights end up in
+    `out_dir/best.pt` and in `model`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     batch_size = min(params.batch_size, len(train_users))
     steps_per_epoch = max(1, len(train_users) // batch_size)  # drop the ragged last batch (BatchNorm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(params.epochs * steps_per_epoch, params.warmup_fraction)
-    )
-    state = {"epoch": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "history": []}
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(params.steps, params.warmup_fraction))
+    state = {"step": 0, "best_step": 0, "best_score": -math.inf, "bad_rounds": 0, "history": []}
     if (out_dir / CHECKPOINT).exists():
         state = _load_checkpoint(out_dir / CHECKPOINT, model, optimizer, schedule)
-        log.info("%s: resuming after epoch %d", desc, state["epoch"])
-    if state["epoch"] == 0:
-        torch.manual_seed(params.seed)  # dropout's RNG; later epochs restore it from the checkpoint
+        log.info("%s: resuming after step %d", desc, state["step"])
+    if state["step"] == 0:
+        torch.manual_seed(params.seed)  # dropout's RNG; later rounds restore it from the checkpoint
     autocast = device.type == "cuda"
     users = torch.as_tensor(train_users, dtype=torch.long)
-    started, ran = time.perf_counter(), 0
+    by_probe = params.selection == "probe"
+    started, ran, order, order_epoch = time.perf_counter(), 0, users, -1
+    bar = tqdm(total=params.steps, initial=state["step"], desc=desc, unit="step", disable=not progress, leave=False)
 
-    while state["epoch"] < params.epochs and state["bad_epochs"] < params.patience:
-        epoch = state["epoch"] + 1
-        generator = epoch_generator(params.seed, epoch)
-        order = users[torch.randperm(len(users), generator=generator)]
+    while state["step"] < params.steps and not (by_probe and state["bad_rounds"] >= params.patience):
         model.train()
+        first = state["step"]
+        last = min(params.steps, first + params.eval_every)
         losses, t0 = [], time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch}/{params.epochs}", disable=not progress, leave=False)
-        for step in bar:
-            batch_users = order[step * batch_size : (step + 1) * batch_size]
+        for step in range(first, last):
+            epoch, slot = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:  # each epoch: one seeded permutation of the users
+                order_epoch = epoch
+                order = users[torch.randperm(len(users), generator=epoch_generator(params.seed, epoch))]
+            batch_users = order[slot * batch_size : (slot + 1) * batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = step_loss(model, batch_users, generator)
+                loss = step_loss(model, batch_users, step_generator(params.seed, step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-            rate = (step + 1) * batch_size / (time.perf_counter() - t0)
+            bar.update(1)
+            rate = len(losses) * batch_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", seq_per_s=f"{rate:,.0f}")
+        train_seconds = time.perf_counter() - t0
         model.eval()
         embeddings = embed(model)
         val = float(score(embeddings))
         row = {
-            "epoch": epoch,
+            "step": last,
+            "epoch": round(last * batch_size / len(users), 3),  # passes over the training users
+            "sequences_seen": last * batch_size,
             "loss": float(np.mean(losses)),
             "val_score": val,
             "lr": schedule.get_last_lr()[0],
-            "seq_per_s": steps_per_epoch * batch_size / (time.perf_counter() - t0),
+            "seq_per_s": len(losses) * batch_size / train_seconds,
             **collapse_stats(embeddings),
         }
         state["history"].append(row)
-        state["epoch"] = epoch
-        if val > state["best_score"]:
-            state.update(best_epoch=epoch, best_score=val, bad_epochs=0)
+        state["step"] = last
+        if not by_probe or val > state["best_score"]:
+            state.update(best_step=last, best_score=val, bad_rounds=0)
             atomic_save({"model": model.state_dict()}, out_dir / BEST)
         else:
-            state["bad_epochs"] += 1
+            state["bad_rounds"] += 1
         atomic_save(_checkpoint(state, model, optimizer, schedule), out_dir / CHECKPOINT)
         _write_curves(state["history"], out_dir / CURVES)
-        log.info(
-            "%s epoch %d: loss %.4f, val %.4f, effective rank %.1f",
-            desc,
-            epoch,
-            row["loss"],
-            val,
-            row["effective_rank"],
-        )
+        log.info("%s step %d: loss %.4f, val %.4f, effective rank %.1f", desc, last, row["loss"], val,
+                 row["effective_rank"])  # fmt: skip
         ran += 1
-        if stop_after_epochs is not None and ran >= stop_after_epochs:
+        if stop_after_rounds is not None and ran >= stop_after_rounds:
             break
+    bar.close()
 
-    finished = state["epoch"] >= params.epochs or state["bad_epochs"] >= params.patience
+    stopped_early = by_probe and state["bad_rounds"] >= params.patience
+    finished = state["step"] >= params.steps or stopped_early
     if finished and (out_dir / BEST).exists():
         model.load_state_dict(torch.load(out_dir / BEST, map_location=device, weights_only=True)["model"])
+    if by_probe:
+        reason = (f"best validation probe ({state['best_score']:.4f}) at step {state['best_step']} of "
+                  f"{state['step']} run" + (f"; stopped after {params.patience} rounds without a better one"
+                                            if stopped_early else ""))  # fmt: skip
+    else:
+        reason = f"last step of the fixed budget ({params.steps} steps of {batch_size} users)"
     return FitResult(
-        epochs_run=state["epoch"],
-        best_epoch=state["best_epoch"],
+        steps_run=state["step"],
+        selected_step=state["best_step"],
+        selection=params.selection,
+        reason=reason,
         best_score=state["best_score"],
-        stopped_early=state["bad_epochs"] >= params.patience,
+        stopped_early=stopped_early,
         history=state["history"],
         seconds=time.perf_counter() - started,
     )

@@ -21,6 +21,8 @@ interactions
   expect_column_values_to_be_null          item_id_missing_from_items, a derived column (the
                                            item_id when items lacks it, else null; a polars
                                            is_in), so the examples are the missing ids
+  expect_column_values_to_be_null          quarantined_by, mostly 1 - max_drop_fraction (only
+                                           when a repair rule is "drop"; see below)
 items
   expect_column_to_exist                   item_id, title, categories
   expect_column_values_to_be_of_type       item_id: str
@@ -33,6 +35,23 @@ interactions_per_user (a per-user counts frame; only when params.short_users == 
 
 Short users (fewer than min_events_per_user interactions, among users that have any) are
 always counted for the report; under "drop" or "keep" they are a warning, not a failure.
+
+Repairs and quarantine. Four interaction checks can be repaired: null keys (not_null),
+exact duplicate events (no_duplicate_events), ratings outside the scale (rating_in_scale)
+and items missing from the items table (item_in_items). `params.repair` gives each a rule:
+"fail" (the check fails validation, as any other) or "drop". GX always evaluates every
+expectation on the table as ingested, so Data Docs show the raw defects with their true
+counts and examples; an expectation under "drop" carries severity "warning" and a note
+saying that its rows are quarantined. The rows to drop are one derived column,
+`quarantined_by` (the drop rules a row fails, comma-separated; null = kept: for duplicates
+every copy but the first), and one more expectation decides whether the repair is allowed:
+expect_column_values_to_be_null on it with mostly = 1 - max_drop_fraction ("drop_budget").
+When it passes, the failed drop-rule checks are reported as "repaired by drop: N rows
+quarantined" and pass; when it fails, they fail with their usual message, and validation
+fails. Running GX a second time on the repaired table would only restate that it is clean.
+On success the dropped rows (with their row number in the canonical table) are written to
+`<quarantine_dir>/interactions.parquet`, replacing the folder in one step; short users are
+counted on the rows that remain, which is what the sequences stage keeps.
 
 Each table is converted to pandas once (see _to_pandas for the dtypes, chosen so that GX
 takes its vectorised paths) and validated by its own Checkpoint (a GX pandas batch is
@@ -49,7 +68,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -64,13 +83,24 @@ from great_expectations.data_context.types.base import (
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
+from great_expectations.expectations.metadata_types import FailureSeverity
 
 from userlens.config import ValidationParams
-from userlens.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, USERS_KEY_SCHEMA, CanonicalTables
+from userlens.io import atomic_dir, file_sha256
+from userlens.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, USERS_KEY_SCHEMA, CanonicalTables, outside_scale
 
 logger = logging.getLogger(__name__)
 
 MISSING_ITEM_COLUMN = "item_id_missing_from_items"
+QUARANTINE_COLUMN = "quarantined_by"  # the drop rules a row fails, comma-separated; null = kept
+QUARANTINE_ROW = "row"  # a quarantined row's number in the canonical interactions table
+# validation.repair key -> the check it repairs (a rule's rows are those that check rejects)
+REPAIRS = {
+    "null_keys": "not_null",
+    "duplicate_events": "no_duplicate_events",
+    "rating_out_of_scale": "rating_in_scale",
+    "unknown_items": "item_in_items",
+}
 PER_USER_TABLE = "interactions_per_user"
 INTERACTIONS_KEYS = ("user_id", "item_id", "timestamp")  # never null; rating may be
 MAX_EXAMPLES = 5
@@ -115,6 +145,11 @@ _MESSAGES: dict[str, tuple[str, str]] = {
         "{n} of {total} users have fewer than {min_value} events (rule 'fail'){eg}",
         "every user has at least {min_value} events",
     ),
+    "drop_budget": (
+        "{n} of {total} rows ({share}) would be quarantined, more than validation.max_drop_fraction "
+        "({limit}): {by_rule}",
+        "{n} of {total} rows ({share}) quarantined, within validation.max_drop_fraction ({limit})",
+    ),
 }
 
 _SHORT_USER_RULES = {
@@ -137,6 +172,8 @@ class CheckResult:
     element_count: int | None
     examples: list[Any]
     message: str
+    repair: str | None = None  # the validation.repair rule of a repairable check
+    quarantined: int | None = None  # rows that rule quarantined, when it repaired this check
 
     @property
     def where(self) -> str:
@@ -154,6 +191,9 @@ class ValidationReport:
     short_users: dict[str, Any]
     data_docs_index: Path | None
     seconds: float
+    # rows, of, share, by_rule, rules, max_drop_fraction; with a quarantine_dir and success: file, sha256
+    quarantine: dict[str, Any]
+    quarantined: pl.DataFrame = field(repr=False)  # the rows the drop rules remove
 
     @property
     def failed(self) -> list[CheckResult]:
@@ -166,6 +206,8 @@ class ValidationReport:
             f"passed in {self.seconds:.1f} s"
         ]
         lines += [f"  {c.where}: {c.message}" for c in self.failed]
+        lines += [f"  {c.where}: {c.message}" for c in self.checks if c.quarantined]
+        lines.append(self._quarantine_line())
         short = self.short_users
         rule = f"rule '{short['rule']}': {_SHORT_USER_RULES[short['rule']]}"
         if short["count"]:
@@ -179,12 +221,22 @@ class ValidationReport:
         lines.append(f"Data Docs: {self.data_docs_index}")
         return "\n".join(lines)
 
+    def _quarantine_line(self) -> str:
+        q = self.quarantine
+        if not self.success:
+            return "Quarantine: none written (validation failed)"
+        if not q["rows"]:
+            return f"Quarantine: no rows (drop rules: {', '.join(q['by_rule']) or 'none'})"
+        where = f" -> {q['file']}" if "file" in q else ""
+        return f"Quarantine: {q['rows']:,} of {q['of']:,} interactions ({q['share']:.2%}): {drop_counts(q)}{where}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "success": self.success,
             "seconds": round(self.seconds, 3),
             "data_docs_index": str(self.data_docs_index) if self.data_docs_index else None,
             "short_users": self.short_users,
+            "quarantine": self.quarantine,
             "checks": [asdict(c) for c in self.checks],
         }
 
@@ -194,13 +246,24 @@ def validate_tables(
     params: ValidationParams,
     data_docs_dir: Path,
     now: int | None = None,
+    quarantine_dir: Path | None = None,
 ) -> ValidationReport:
-    """Run the suites on the canonical tables; data problems are reported, never raised."""
+    """Run the suites on the canonical tables; data problems are reported, never raised.
+
+    With `quarantine_dir`, a passing run replaces that folder with interactions.parquet: the
+    rows the drop rules remove (empty when none); a failing run leaves it as it was."""
     started = time.perf_counter()
     now = int(time.time()) if now is None else int(now)
     data_docs_dir = Path(data_docs_dir).resolve()
 
-    per_user = _events_per_user(tables.interactions)
+    interactions = _with_quarantine(_with_missing_items(tables.interactions, tables.items), tables, params)
+    quarantined = (
+        interactions.with_row_index(QUARANTINE_ROW)
+        .filter(pl.col(QUARANTINE_COLUMN).is_not_null())
+        .select(pl.exclude(MISSING_ITEM_COLUMN))
+    )
+    quarantine = _quarantine_counts(quarantined, interactions.height, params)
+    per_user = _events_per_user(interactions.filter(pl.col(QUARANTINE_COLUMN).is_null()))
     short = per_user.filter(pl.col("events") < params.min_events_per_user)
     short_users = {
         "count": short.height,
@@ -211,7 +274,7 @@ def validate_tables(
     }
 
     frames = {
-        "interactions": _with_missing_items(tables.interactions, tables.items),
+        "interactions": interactions,
         "items": tables.items,
         "users": tables.users,
     }
@@ -247,8 +310,9 @@ def validate_tables(
         order = {e.id: i for i, e in enumerate(suite.expectations)}  # GX returns its own order
         for suite_result in outcome.run_results.values():
             results = sorted(suite_result.results, key=lambda r: order[r.expectation_config.id])
-            checks += [_check_result(table, r, frames[table]) for r in results]
+            checks += [_check_result(table, r, frames[table], quarantine) for r in results]
         logger.debug("%s: validated in %.2f s", table, time.perf_counter() - t0)
+    _apply_repairs(checks, quarantine)
 
     context.build_data_docs(site_names=[DOCS_SITE])
     index = data_docs_dir / "index.html"
@@ -258,7 +322,11 @@ def validate_tables(
         short_users=short_users,
         data_docs_index=index if index.exists() else None,
         seconds=time.perf_counter() - started,
+        quarantine=quarantine,
+        quarantined=quarantined,
     )
+    if report.success and quarantine_dir is not None:
+        _write_quarantine(report, Path(quarantine_dir).resolve())
     logger.info(
         "validation %s: %d of %d checks failed, %s short users (rule %s), %.1f s",
         "passed" if report.success else "FAILED",
@@ -291,6 +359,21 @@ def _expect(
     return cls(meta=meta, **kwargs)
 
 
+def _repairable(exp: gxe.Expectation, params: ValidationParams) -> gxe.Expectation:
+    """Tag an interactions expectation with its repair rule; under "drop", say so in Data Docs."""
+    rule = next(r for r, check in REPAIRS.items() if check == exp.meta["check"])
+    exp.meta["repair"] = rule
+    if getattr(params.repair, rule) == "drop":
+        exp.severity = FailureSeverity.WARNING
+        exp.notes = (
+            f"Repair rule `drop` (validation.repair.{rule}): the rows this expectation rejects "
+            f"{'(every copy but the first) ' if rule == 'duplicate_events' else ''}are quarantined and "
+            f"left out of the sequences; validation still fails when the quarantine would exceed "
+            f"validation.max_drop_fraction ({params.max_drop_fraction:g}), the expectation on {QUARANTINE_COLUMN}."
+        )
+    return exp
+
+
 def _columns_exist_with_types(columns: dict[str, Any], typed: tuple[str, ...]) -> list:
     exps = [_expect("column_exists", gxe.ExpectColumnToExist, column=c) for c in columns]
     for c in typed:
@@ -308,24 +391,42 @@ def interactions_expectations(
 ) -> list[gxe.Expectation]:
     between = gxe.ExpectColumnValuesToBeBetween
     exps = _columns_exist_with_types(INTERACTIONS_SCHEMA, tuple(INTERACTIONS_SCHEMA))
-    exps += [_expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column=c) for c in INTERACTIONS_KEYS]
+    exps += [
+        _repairable(_expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column=c), params) for c in INTERACTIONS_KEYS
+    ]
     if rating_scale is not None:
         low, high = rating_scale
-        exps.append(_expect("rating_in_scale", between, column="rating", min_value=low, max_value=high))
+        exp = _expect("rating_in_scale", between, column="rating", min_value=low, max_value=high)
+        exps.append(_repairable(exp, params))
     oldest = epoch_seconds(params.min_timestamp)
     latest = now + params.future_tolerance_seconds
     exps += [
         _expect("timestamp_not_old", between, column="timestamp", min_value=oldest),
         _expect("timestamp_not_future", between, column="timestamp", max_value=latest),
         # "never": a row with a null rating is still a row; pandas compares nulls as equal
-        _expect(
-            "no_duplicate_events",
-            gxe.ExpectCompoundColumnsToBeUnique,
-            column_list=list(INTERACTIONS_SCHEMA),
-            ignore_row_if="never",
+        _repairable(
+            _expect(
+                "no_duplicate_events",
+                gxe.ExpectCompoundColumnsToBeUnique,
+                column_list=list(INTERACTIONS_SCHEMA),
+                ignore_row_if="never",
+            ),
+            params,
         ),
-        _expect("item_in_items", gxe.ExpectColumnValuesToBeNull, ["item_id"], column=MISSING_ITEM_COLUMN),
+        _repairable(
+            _expect("item_in_items", gxe.ExpectColumnValuesToBeNull, ["item_id"], column=MISSING_ITEM_COLUMN),
+            params,
+        ),
     ]
+    if _drop_rules(params):  # the repair is allowed only while the quarantine stays small
+        exps.append(
+            _expect(
+                "drop_budget",
+                gxe.ExpectColumnValuesToBeNull,
+                column=QUARANTINE_COLUMN,
+                mostly=1 - params.max_drop_fraction,
+            )
+        )
     return exps
 
 
@@ -365,6 +466,52 @@ def _result_format(table: str) -> dict[str, Any]:
 
 
 # --- frames ---------------------------------------------------------------------------
+
+
+def _drop_rules(params: ValidationParams) -> list[str]:
+    return [rule for rule in REPAIRS if getattr(params.repair, rule) == "drop"]
+
+
+def _with_quarantine(frame: pl.DataFrame, tables: CanonicalTables, params: ValidationParams) -> pl.DataFrame:
+    """`frame` plus QUARANTINE_COLUMN: the drop rules each row fails, in REPAIRS order (null = kept).
+    A table that lacks a canonical column quarantines nothing: its column checks fail it."""
+    rules = _drop_rules(params)
+    if not rules or not set(INTERACTIONS_SCHEMA) <= set(frame.columns):
+        return frame.with_columns(pl.lit(None, pl.String).alias(QUARANTINE_COLUMN))
+    rejects = {  # the rows each check rejects; of exact copies, all but the first
+        "null_keys": pl.any_horizontal(pl.col(c).is_null() for c in INTERACTIONS_KEYS),
+        "duplicate_events": ~pl.struct(*INTERACTIONS_SCHEMA).is_first_distinct(),
+        "rating_out_of_scale": outside_scale(tables.rating_scale),
+        "unknown_items": pl.col(MISSING_ITEM_COLUMN).is_not_null(),
+    }
+    names = pl.concat_str([pl.when(rejects[r]).then(pl.lit(r)) for r in rules], separator=",", ignore_nulls=True)
+    failed = pl.any_horizontal(rejects[r] for r in rules)
+    return frame.with_columns(pl.when(failed).then(names).alias(QUARANTINE_COLUMN))
+
+
+def _quarantine_counts(quarantined: pl.DataFrame, total: int, params: ValidationParams) -> dict[str, Any]:
+    reasons = quarantined[QUARANTINE_COLUMN].str.split(",").explode()
+    return {
+        "rows": quarantined.height,
+        "of": total,
+        "share": quarantined.height / total if total else 0.0,
+        "by_rule": {rule: int((reasons == rule).sum()) for rule in _drop_rules(params)},
+        "rules": params.repair.model_dump(),
+        "max_drop_fraction": params.max_drop_fraction,
+    }
+
+
+def drop_counts(quarantine: dict[str, Any]) -> str:
+    """A quarantine's rows per rule in words: "duplicate_events 196, rating_out_of_scale 17"."""
+    return ", ".join(f"{rule} {n:,}" for rule, n in quarantine["by_rule"].items() if n) or "none"
+
+
+def _write_quarantine(report: ValidationReport, folder: Path) -> None:
+    """Replace `folder` with the quarantined interactions, in one step; record file and hash."""
+    with atomic_dir(folder) as staging:
+        report.quarantined.write_parquet(staging / "interactions.parquet")
+    path = folder / "interactions.parquet"
+    report.quarantine.update(file=str(path), sha256=file_sha256(path))
 
 
 def _events_per_user(interactions: pl.DataFrame) -> pl.DataFrame:
@@ -421,7 +568,18 @@ def _context(data_docs_dir: Path) -> Any:
 # --- results --------------------------------------------------------------------------
 
 
-def _check_result(table: str, result: Any, frame: pl.DataFrame) -> CheckResult:
+def _apply_repairs(checks: list[CheckResult], quarantine: dict[str, Any]) -> None:
+    """While the drop budget holds, a check that failed under a drop rule is repaired."""
+    if not all(c.success for c in checks if c.check == "drop_budget"):
+        return
+    for check in checks:
+        if check.repair in quarantine["by_rule"] and not check.success and check.unexpected_count:
+            check.success = True
+            check.quarantined = quarantine["by_rule"][check.repair]
+            check.message = f"repaired by drop: {check.quarantined:,} rows quarantined ({check.message})"
+
+
+def _check_result(table: str, result: Any, frame: pl.DataFrame, quarantine: dict[str, Any]) -> CheckResult:
     config = result.expectation_config
     kwargs, meta, res = config.kwargs, config.meta or {}, result.result or {}
     check = meta.get("check", config.type)
@@ -439,6 +597,9 @@ def _check_result(table: str, result: Any, frame: pl.DataFrame) -> CheckResult:
         "types": " or ".join(kwargs.get("type_list") or [str(kwargs.get("type_"))]),
         "min_date": _iso(kwargs.get("min_value")),
         "max_date": _iso(kwargs.get("max_value")),
+        "share": f"{quarantine['share']:.2%}",
+        "limit": f"{quarantine['max_drop_fraction']:.2%}",
+        "by_rule": drop_counts(quarantine),
     }
     error = _exception_message(result)
     absent = [c for c in columns if c not in frame.columns]
@@ -457,6 +618,7 @@ def _check_result(table: str, result: Any, frame: pl.DataFrame) -> CheckResult:
         element_count=total,
         examples=examples,
         message=message,
+        repair=meta.get("repair"),
     )
 
 

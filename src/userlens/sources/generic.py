@@ -1,7 +1,8 @@
 """Your own interaction logs: CSV (comma), TSV or Parquet files.
 
 interactions  user_id, item_id, timestamp (epoch seconds or ISO 8601), rating (optional,
-              any numeric scale: declared in params.yaml or inferred and reported)
+              any numeric scale: declared in params.yaml, else inferred as the narrowest
+              standard scale that holds 99.5 % of the ratings, and reported)
 items         optional: item_id, title (optional), categories (`|`-separated or a list)
 users         optional: user_id plus any attribute columns
 
@@ -19,13 +20,26 @@ import polars as pl
 
 from userlens.config import DataParams
 from userlens.errors import DataError
-from userlens.schema import CanonicalTables
+from userlens.schema import CanonicalTables, outside_scale
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
 _ISO_WITH_ZONE = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
 _ISO_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+# Scales a rating column is inferred to be on, narrowest first: (min, max, step), step None =
+# continuous. The first that holds SCALE_COVERAGE of the ratings wins (infer_rating_scale).
+STANDARD_SCALES = (
+    (0.0, 1.0, None),  # binary, or a score in [0, 1]
+    (1.0, 5.0, 1.0),  # stars
+    (0.5, 5.0, 0.5),  # half stars (MovieLens since 2003)
+    (0.0, 5.0, None),
+    (1.0, 7.0, 1.0),  # Likert
+    (1.0, 10.0, 1.0),
+    (0.0, 10.0, None),
+    (0.0, 100.0, None),  # percentages
+)
+SCALE_COVERAGE = 0.995
 REQUIRED = {
     "interactions": ("user_id", "item_id", "timestamp"),
     "items": ("item_id",),
@@ -143,8 +157,7 @@ def _read_csv(path: Path) -> pl.DataFrame:
         last = frame.row(-1, named=True)
         if any(v is None or v == "" for v in last.values()):
             raise DataError(
-                f"{path}: the last line (line {frame.height + 1}) is incomplete: {last}; "
-                "the file looks truncated"
+                f"{path}: the last line (line {frame.height + 1}) is incomplete: {last}; the file looks truncated"
             )
     return frame
 
@@ -219,12 +232,30 @@ def _rating_scale(
         return (float(declared[0]), float(declared[1])), "declared"
     if source_scale is not None:
         return (float(source_scale[0]), float(source_scale[1])), "source"
-    ratings = interactions["rating"].drop_nulls()
+    ratings = interactions["rating"].fill_nan(None).drop_nulls()
     if ratings.is_empty():
         return None, None
-    scale = (float(ratings.min()), float(ratings.max()))
-    log.info("%s: rating scale not declared; inferred %s from the data", path, list(scale))
+    scale = infer_rating_scale(ratings)
+    outside = ratings.to_frame("rating").select(outside_scale(scale).sum()).item()
+    log.info("%s: rating scale not declared; inferred %s, %d of %d ratings outside", path, list(scale),
+             outside, ratings.len())  # fmt: skip
     return scale, "inferred"
+
+
+def infer_rating_scale(ratings: pl.Series) -> tuple[float, float]:
+    """The narrowest of STANDARD_SCALES that holds SCALE_COVERAGE of the (non-null) ratings, on
+    its steps; else the observed range. A stray value (one 17 among 1-5 stars, Ciao's few 0s)
+    then lies outside the scale and meets validation.repair.rating_out_of_scale instead of
+    stretching the scale; the steps tell half stars (0.5-5) from whole stars (1-5)."""
+    values = ratings.cast(pl.Float64)
+    for low, high, step in STANDARD_SCALES:
+        held = values.is_between(low, high)
+        if step is not None:
+            steps = (values - low) / step
+            held &= (steps - steps.round(0)).abs() < 1e-6
+        if held.mean() >= SCALE_COVERAGE:
+            return low, high
+    return float(values.min()), float(values.max())
 
 
 def _read_items(path: Path) -> pl.DataFrame:
