@@ -38,7 +38,7 @@ PUSH_OFF = {"dvc.push": False}  # the local remote is a folder copy: not what is
 
 
 def direct(root: Path, overrides: dict) -> dict:
-    from userlens import stages
+    from userlens import release, stages
     from userlens.project import Project
 
     project = Project(root)
@@ -52,9 +52,9 @@ def direct(root: Path, overrides: dict) -> dict:
         "pretrain": lambda: stages.pretrain(project, params, progress=False),
         "baselines": lambda: stages.train_baselines(project, params, progress=False),
         "evaluate": lambda: stages.evaluate(project, params, progress=False),
-        "gate": lambda: stages.gate(project, params),
-        "register": lambda: stages.register(project, params),
-        "promote": lambda: stages.promote(project, params),
+        "gate": lambda: release.gate(project, params),
+        "register": lambda: release.register(project, params),
+        "promote": lambda: release.promote(project, params),
     }
     steps, began = {}, time.perf_counter()
     for name in STEPS:

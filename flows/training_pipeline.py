@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from userlens import caching, run_report, stages
+from userlens import caching, release, run_report, stages
 from userlens.config import load_params
 from userlens.errors import UserlensError, ValidationFailed
 from userlens.io import write_text_atomic
@@ -105,22 +105,22 @@ def evaluate(project: Project, params, progress: bool) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def gate(project: Project, params) -> dict:
-    return stages.gate(project, params)
+    return release.gate(project, params)
 
 
 @task(cache_policy=NO_CACHE)
 def register(project: Project, params) -> dict:
-    return stages.register(project, params)
+    return release.register(project, params)
 
 
 @task(**RETRY, cache_policy=NO_CACHE)  # a store write: a retry can help
 def promote(project: Project, params, progress: bool) -> dict:
-    return stages.promote(project, params, progress=progress)
+    return release.promote(project, params, progress=progress)
 
 
 @task(cache_policy=NO_CACHE)
 def reexport(project: Project, params) -> Path:
-    return stages.reexport(project, params)
+    return release.reexport(project, params)
 
 
 @task(**RETRY, cache_policy=NO_CACHE)  # a store write: a retry can help

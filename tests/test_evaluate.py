@@ -17,14 +17,13 @@ from userlens.evaluate import (
     accuracy,
     build_tasks,
     evaluate_methods,
-    fit_predict,
-    fit_predict_many,
     fraction_key,
     hit_rate_at_k,
     make_split,
     ndcg_at_k,
     target_ranks,
 )
+from userlens.probes import fit_predict, fit_predict_many
 from userlens.report import GEOMETRY, paired_comparison, task_results, write_report
 
 DAY = 86_400
@@ -271,9 +270,27 @@ def evaluated(small_sequences: Path):
     return tasks, results, time.perf_counter() - began
 
 
+def test_taste_breadth_by_hand():
+    """Future category entropy above the median = broad (1); too few future events = unlabelled."""
+    import scipy.sparse as sp
+
+    from userlens.evaluate import _taste_breadth_task
+
+    item_cats = sp.csr_matrix(np.eye(3, dtype=np.float32))  # item i has category i
+    future = sp.csr_matrix(np.array([
+        [5, 0, 0],  # focused: entropy 0
+        [2, 2, 2],  # broad: log 3
+        [4, 1, 0],  # in between
+        [1, 1, 0],  # two events: unlabelled
+    ], dtype=np.float32))  # fmt: skip
+    task = _taste_breadth_task(future, item_cats)
+    assert task.labels.tolist() == [0, 1, 0, -1]  # median of (0, 0.50, 1.10) nats is 0.50: only above it is broad
+    assert _taste_breadth_task(future[3:], item_cats) is None  # nobody labelled: no task
+
+
 def test_planted_structure_is_found_and_random_stays_at_chance(evaluated):
     tasks, results, seconds = evaluated
-    assert set(tasks) == {"favourite_category", "age_bucket", "gender", "rating_tendency", "next_item"}
+    assert set(tasks) == {"favourite_category", "age_bucket", "gender", "rating_tendency", "taste_breadth", "next_item"}
     fav = results["favourite_category"]
     full = fraction_key(1.0)
     handcrafted, random = fav["handcrafted"]["logreg"][full]["mean"], fav["random"]["logreg"][full]["mean"]
@@ -394,7 +411,8 @@ def test_movielens_100k_full_protocol(tmp_path: Path):
     data = {"source": "movielens", "dataset": "ml-100k", "data_dir": str(ml100k_dir())}
     sequences = build_sequences_project(tmp_path / "ml100k", data=data) / "data" / "sequences"
     tasks = build_tasks(sequences)
-    assert list(tasks) == ["favourite_category", "age_bucket", "gender", "rating_tendency", "next_item"]
+    assert list(tasks) == ["favourite_category", "age_bucket", "gender", "rating_tendency", "taste_breadth",
+                           "next_item"]  # fmt: skip
     assert tasks["gender"].labels.size == 943 and tasks["favourite_category"].n_classes == 19
     als_users, als_items = als_factors(sequences, BaselineParams(), seed=0)
     embeddings = {

@@ -487,6 +487,13 @@ def test_output_whitening_is_part_of_the_saved_encoder(data):
     reloaded.load_state_dict(enc.state_dict())
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(data.batch(users)).numpy(), white, atol=1e-6)
+    # an encoder.pt saved before the buffers existed still loads, as the raw bidirectional encoder
+    old = {k: v for k, v in enc.state_dict().items() if k not in ("is_causal", "output_mean", "output_whitening")}
+    legacy = UserEncoder.for_data(SMALL, data, causal=True).eval()
+    legacy.load_state_dict(old)
+    with torch.no_grad():
+        assert not bool(legacy.is_causal)
+        np.testing.assert_allclose(legacy(data.batch(users)).numpy(), raw.numpy(), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- training

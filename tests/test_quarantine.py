@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ciao_dir, make_project, set_params
-from userlens import stages
+from userlens import release, stages
 from userlens.cli import cli
 from userlens.project import Project
 from userlens.report import task_results
@@ -192,7 +192,7 @@ def test_interactions_only_input_runs_end_to_end(tmp_path):
     stages.train_baselines(proj, params, progress=False)
     results = stages.evaluate(proj, params, progress=False)
     assert set(task_results(results)) == {"next_item"}
-    decision = stages.gate(proj, params)
+    decision = release.gate(proj, params)
     assert not decision["passed"] and "no gated task was evaluated" in decision["reasons"][0]
 
 

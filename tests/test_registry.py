@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import userlens
-from userlens import stages
+from userlens import release
 from userlens.config import Params
 from userlens.embeddings import export_embeddings, read_embeddings
 from userlens.io import write_json_atomic
@@ -165,40 +165,40 @@ def gate_report(proj: Project, version: str, decision: dict) -> None:
 def test_promote_publishes_then_moves_the_alias(proj, store):
     register(proj, "bt-1")
     gate_report(proj, "bt-1", PASSED)
-    result = stages.promote(proj, Params())
+    result = release.promote(proj, Params())
     assert result["promoted"] and store.calls == [("bt-1", Registry(proj).get("bt-1").embeddings)]
     assert Registry(proj).production().version == "bt-1" and store.served == "bt-1"
-    assert stages.promote(proj, Params())["message"] == "bt-1 is already in production"
+    assert release.promote(proj, Params())["message"] == "bt-1 is already in production"
     assert len(store.calls) == 1
 
 
 def test_blocked_candidate_is_not_promoted_unless_forced(proj, store):
     register(proj, "bt-1", gate=BLOCKED)
     gate_report(proj, "bt-1", BLOCKED)
-    result = stages.promote(proj, Params())
+    result = release.promote(proj, Params())
     assert not result["promoted"] and "gate blocked bt-1" in result["message"] and "0.1 < minimum" in result["message"]
     assert store.calls == [] and Registry(proj).production() is None
-    assert not stages.promote(proj, Params(), "bt-1")["promoted"]  # by name: its recorded decision counts
-    forced = stages.promote(proj, Params(), "bt-1", force=True)
+    assert not release.promote(proj, Params(), "bt-1")["promoted"]  # by name: its recorded decision counts
+    forced = release.promote(proj, Params(), "bt-1", force=True)
     assert forced["promoted"] and Registry(proj).history()[-1]["forced"] is True
 
 
 def test_failed_publish_leaves_alias_and_store_unchanged(proj, store):
     register(proj, "bt-1")
     register(proj, "bt-2", seed=2)
-    stages.promote(proj, Params(), "bt-1")
+    release.promote(proj, Params(), "bt-1")
     store.fail = True
     with pytest.raises(userlens.errors.UserlensError, match="unreachable"):
-        stages.promote(proj, Params(), "bt-2")
+        release.promote(proj, Params(), "bt-2")
     assert Registry(proj).production().version == "bt-1" and store.served == "bt-1"
 
 
 def test_rollback_switches_store_then_alias(proj, store):
     register(proj, "bt-1")
     register(proj, "bt-2", seed=2)
-    stages.promote(proj, Params(), "bt-1")
-    stages.promote(proj, Params(), "bt-2")
-    result = stages.rollback(proj, Params())
+    release.promote(proj, Params(), "bt-1")
+    release.promote(proj, Params(), "bt-2")
+    result = release.rollback(proj, Params())
     assert result["message"] == "rolled back from bt-2 to bt-1"
     assert store.calls[-1] == ("bt-1", Registry(proj).get("bt-1").embeddings) and store.served == "bt-1"
     assert Registry(proj).production().version == "bt-1"

@@ -395,9 +395,9 @@ def gate(obj: Context):
       userlens gate
       userlens --set gate.label_fraction=0.1 gate
     """
-    from userlens import stages
+    from userlens import release
 
-    decision = stages.gate(obj.project, obj.params())
+    decision = release.gate(obj.project, obj.params())
     click.echo(decision["summary"])
     for check in decision["checks"]:
         click.echo(f"  {'pass' if check['passed'] else 'FAIL'}  {check['reason']}")
@@ -416,9 +416,9 @@ def register(obj: Context):
       userlens register
       userlens models
     """
-    from userlens import stages
+    from userlens import release
 
-    info = stages.register(obj.project, obj.params())
+    info = release.register(obj.project, obj.params())
     click.echo(f"registered {info['version']} in {info['path']}")
 
 
@@ -439,11 +439,11 @@ def promote(obj: Context, version, force, no_progress):
       userlens promote barlow_twins-1a2b3c4d5e      # a registered version (its gate must have passed)
       userlens promote barlow_twins-1a2b3c4d5e --force
     """
-    from userlens import stages
+    from userlens import release
     from userlens.locking import project_lock
 
     with project_lock(obj.project, "userlens promote"):
-        result = stages.promote(obj.project, obj.params(), version, force=force, progress=not no_progress)
+        result = release.promote(obj.project, obj.params(), version, force=force, progress=not no_progress)
     click.echo(result["message"])
 
 
@@ -458,11 +458,11 @@ def rollback(obj: Context, no_progress):
       userlens rollback
       userlens models
     """
-    from userlens import stages
+    from userlens import release
     from userlens.locking import project_lock
 
     with project_lock(obj.project, "userlens rollback"):
-        result = stages.rollback(obj.project, obj.params(), progress=not no_progress)
+        result = release.rollback(obj.project, obj.params(), progress=not no_progress)
     click.echo(result["message"])
 
 

@@ -133,7 +133,7 @@ class AugmentParams(_Section):
 class PretrainParams(_Section):
     """Optimisation of the self-supervised encoder; the dual encoder gets the same budget in steps."""
 
-    steps: int = Field(600, ge=0)  # optimiser steps (the budget), each of batch_size users
+    steps: int = Field(300, ge=0)  # optimiser steps (the budget), each of batch_size users
     eval_every: int = Field(50, ge=1)  # steps per round: validation probe, collapse monitor, checkpoint
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
@@ -142,7 +142,7 @@ class PretrainParams(_Section):
     grad_clip: float = Field(1.0, gt=0)
     lambd: float = Field(0.005, ge=0)  # Barlow Twins off-diagonal weight
     projector: tuple[int, ...] = (256, 256)  # hidden and output widths of the projector MLP
-    whiten_shrinkage: float | None = Field(0.1, ge=0, le=1)  # Barlow Twins export: ZCA whitening, null = off
+    whiten_shrinkage: float | None = Field(0.01, ge=0, le=1)  # Barlow Twins export: ZCA whitening, null = off
     temperature: float = Field(0.1, gt=0)  # dual encoder: softmax temperature
     logq_correction: bool = False  # dual encoder: subtract log item frequency from logits
     max_pairs: int = Field(4096, ge=1)  # dual encoder: (prefix, next item) pairs per step, at most

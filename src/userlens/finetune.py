@@ -116,7 +116,7 @@ def _probe_head(features: np.ndarray, y: np.ndarray, n_classes: int) -> torch.nn
         bias[classes[0]] = 0.0
     else:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence and tiny-class warnings, as in evaluate.fit_predict
+            warnings.simplefilter("ignore")  # convergence and tiny-class warnings, as in probes.fit_predict
             probe = LogisticRegression(C=1.0, max_iter=1000).fit(features, y)
         if classes.size == 2:  # sklearn keeps one weight vector: the logit of the second class
             bias[classes[0]] = 0.0

@@ -105,6 +105,14 @@ class UserEncoder(nn.Module):
     def d_model(self) -> int:
         return self.cls.shape[-1]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Encoders saved before these buffers existed were bidirectional and unwhitened.
+        defaults = {"is_causal": torch.tensor(False), "output_mean": torch.zeros(self.d_model),
+                    "output_whitening": torch.eye(self.d_model)}  # fmt: skip
+        for name, value in defaults.items():
+            state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer outputs [B, 1 + L, D] (CLS first) and the real-event mask [B, L]."""
         items, real = batch.items, ~batch.padding
