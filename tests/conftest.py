@@ -32,8 +32,12 @@ FAST_LEARNING = {
         "label_fraction": 1.0,
         "tasks": {
             "favourite_category": {"min_accuracy": 0.3, "max_regression": 0.05, "min_margin_over_baseline": -0.1},
-            "rating_tendency": {"min_accuracy": 0.5, "max_regression": 0.05, "min_margin_over_baseline": -0.1,
-                                "optional": True},
+            "rating_tendency": {
+                "min_accuracy": 0.5,
+                "max_regression": 0.05,
+                "min_margin_over_baseline": -0.1,
+                "optional": True,
+            },
         },
     },
 }

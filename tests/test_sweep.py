@@ -45,15 +45,14 @@ def test_a_bad_candidate_override_names_the_candidate():
 
 
 @pytest.mark.integration
-def test_sweep_flow_runs_candidates_on_a_local_dask_cluster_and_selects_on_validation_users(
-    prefect_server, tmp_path
-):
+def test_sweep_flow_runs_candidates_on_a_local_dask_cluster_and_selects_on_validation_users(prefect_server, tmp_path):
     from userlens.cli import load_flow
 
     root = build_sequences_project(tmp_path / "project")
     # Two tiny candidates: the planted taste is learnable in a few steps; an untrained encoder is not.
     candidates = {"trained": {"pretrain.steps": 12}, "untrained": {"pretrain.steps": 0}}
-    set_params(root, {"sweep": {"workers": 2, "candidates": candidates}})
+    set_params(root, {"sweep": {"workers": 2, "candidates": None}})  # replace, not merge, the defaults
+    set_params(root, {"sweep": {"candidates": candidates}})
     project = Project(root)
     summary = load_flow(project, "run", "sweep_pipeline")(project_dir=str(root))
 

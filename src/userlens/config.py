@@ -201,12 +201,13 @@ class GateParams(_Section):
     tasks: dict[str, GateRule] = Field(default_factory=lambda: dict(DEFAULT_GATE_TASKS))
 
 
-# Measured on the default synthetic run (logreg, 5 % labels, 5 seeds): Barlow Twins 0.233 +- 0.048 vs the
-# dual encoder 0.262 on favourite_category, 0.757 vs 0.755 on rating_tendency (README, "Promotion gate").
+# Measured on the default synthetic run (make run; logreg, 5 % labels, 5 seeds): Barlow Twins 0.238 vs the
+# dual encoder 0.175 on favourite_category, 0.701 vs 0.667 on rating_tendency (README, "Promotion gate").
 DEFAULT_GATE_TASKS = {
-    "favourite_category": GateRule(min_accuracy=0.15, max_regression=0.05, min_margin_over_baseline=-0.05,
-                                   optional=True),
-    "rating_tendency": GateRule(min_accuracy=0.65, max_regression=0.03, min_margin_over_baseline=-0.03, optional=True),
+    "favourite_category": GateRule(
+        min_accuracy=0.15, max_regression=0.05, min_margin_over_baseline=0.0, optional=True
+    ),
+    "rating_tendency": GateRule(min_accuracy=0.65, max_regression=0.03, min_margin_over_baseline=0.0, optional=True),
 }
 
 

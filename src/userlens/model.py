@@ -66,8 +66,15 @@ class UserEncoder(nn.Module):
     output_mean: torch.Tensor  # buffer [d]: subtracted from the output (0 until fitted)
     output_whitening: torch.Tensor  # buffer [d, d]: applied after centring (identity until fitted)
 
-    def __init__(self, params: ModelParams, n_items: int, n_categories: int, max_length: int,
-                 item_categories: torch.Tensor | None = None, causal: bool = False):
+    def __init__(
+        self,
+        params: ModelParams,
+        n_items: int,
+        n_categories: int,
+        max_length: int,
+        item_categories: torch.Tensor | None = None,
+        causal: bool = False,
+    ):
         super().__init__()
         d = params.d_model
         self.pooling, self.max_length, self.n_items = params.pooling, max_length, n_items
@@ -241,8 +248,16 @@ class DualEncoder(nn.Module):
 
     log_q: torch.Tensor  # buffer [n_items + 3]
 
-    def __init__(self, encoder: UserEncoder, n_items: int, n_categories: int, item_counts: torch.Tensor,
-                 temperature: float, logq_correction: bool, max_pairs: int):
+    def __init__(
+        self,
+        encoder: UserEncoder,
+        n_items: int,
+        n_categories: int,
+        item_counts: torch.Tensor,
+        temperature: float,
+        logq_correction: bool,
+        max_pairs: int,
+    ):
         super().__init__()
         assert n_items == encoder.n_items, "the towers share one vocabulary"
         assert bool(encoder.is_causal), "the dual encoder trains on prefixes: its user tower must be causal"

@@ -40,7 +40,7 @@ WHITEN_USERS = 50_000  # users the output whitening is fitted on (all of them, u
 
 
 def validation_users(n_users: int, params: Params) -> np.ndarray:
-    """The fixed users whose labels drive early stopping (the same for every method)."""
+    """The fixed users whose labels drive selection (rounds, sweep recipes); the same for every method."""
     rng = np.random.default_rng(params.pretrain.seed)
     n = max(2, int(round(n_users * params.pretrain.validation_fraction)))
     return np.sort(rng.choice(n_users, size=min(n, n_users), replace=False))

@@ -36,8 +36,8 @@ from userlens.io import atomic_file
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"  # the latest epoch: what a resume starts from
-BEST = "best.pt"  # the weights with the best validation score
+CHECKPOINT = "checkpoint.pt"  # the latest round: what a resume starts from
+BEST = "best.pt"  # the selected weights (the last round, or the best validation probe)
 ENCODER = "encoder.pt"  # the final encoder alone: what evaluation and the registry load
 CURVES = "curves.csv"
 
