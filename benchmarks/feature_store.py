@@ -120,10 +120,10 @@ def raw_reader(store, slot: str):
 
 def http_reader(project, params, slot: str):
     """Start `feast serve` on a free port; return (post(ids), stop())."""
-    from userlens import feature_store
+    from userlens import serving
 
     port = free_port()
-    cmd, env = feature_store.serve_command(project, params, "127.0.0.1", port)
+    cmd, env = serving.serve_command(project, params, "127.0.0.1", port)
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
@@ -159,7 +159,7 @@ def http_reader(project, params, slot: str):
 def worker(spec: str) -> None:
     import pyarrow.parquet as pq
 
-    from userlens import feature_store
+    from userlens import feature_store, serving
     from userlens.embeddings import export_embeddings
     from userlens.project import Project
 
@@ -191,7 +191,7 @@ def worker(spec: str) -> None:
         store.materialize(at - timedelta(days=1), at, feature_views=[f"user_embeddings_{slot}"])
         result["feast_materialize_users_per_s"] = round(users / (time.perf_counter() - start), 1)
 
-    sdk = feature_store.reader(project, params)
+    sdk = serving.reader(project, params)
     view = f"user_embeddings_{slot}"
     refs = [f"{view}:embedding", f"{view}:model_version"]
     prepare, raw = raw_reader(store, slot)

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
 from userlens import sweep
-from userlens.config import Params, load_params
+from userlens.config import Params
 from userlens.io import write_json_atomic, write_text_atomic
 from userlens.locking import project_lock
 from userlens.project import Project
@@ -53,8 +53,7 @@ def recipe_sweep(
     import time
 
     project = Project(Path(project_dir))
-    params = load_params(params_file) if params_file else project.load_params()
-    params = params.with_overrides(overrides) if overrides else params
+    params = project.load_params(params_file, overrides)
     candidates = sweep.candidates(params)  # a bad override fails here, before any training
     started = time.perf_counter()
     with project_lock(project, "recipe_sweep"):
@@ -78,9 +77,7 @@ def recipe_sweep(
 
 def run(project_dir: str = ".", overrides: dict[str, Any] | None = None, params_file: str | None = None) -> dict:
     """The sweep on the runner its settings name (the flow's runner is chosen at call time)."""
-    project = Project(Path(project_dir))
-    params = load_params(params_file) if params_file else project.load_params()
-    params = params.with_overrides(overrides) if overrides else params
+    params = Project(Path(project_dir)).load_params(params_file, overrides)
     return recipe_sweep.with_options(task_runner=task_runner(params))(project_dir, overrides, params_file)
 
 

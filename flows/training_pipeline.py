@@ -26,7 +26,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from userlens import caching, release, run_report, stages
-from userlens.config import load_params
 from userlens.errors import UserlensError, ValidationFailed
 from userlens.io import write_text_atomic
 from userlens.locking import project_lock
@@ -132,8 +131,7 @@ def refresh(project: Project, params, embeddings: Path, progress: bool) -> dict:
 
 def _setup(project_dir: str, overrides: dict | None, params_file: str | None):
     project = Project(Path(project_dir))
-    params = load_params(params_file) if params_file else project.load_params()
-    return project, params.with_overrides(overrides) if overrides else params
+    return project, project.load_params(params_file, overrides)
 
 
 @flow(name="training_pipeline")
@@ -203,10 +201,11 @@ def _publish_summary(project: Project, params, results: dict, logger) -> None:
 
 def _publish_run_report(project: Project, params, results: dict, logger) -> None:
     """The run's markdown report and metrics table, as files in reports/ and as Prefect artifacts."""
-    markdown = run_report.markdown(project, params, results)
+    metrics = run_report.read_metrics(project)
+    markdown = run_report.markdown(project, params, results, metrics)
     write_text_atomic(project.run_report, markdown)
     create_markdown_artifact(key="run-report", markdown=markdown, description="userlens training run")
-    create_table_artifact(key="metrics", table=run_report.metrics_rows(project, params), description="userlens metrics")
+    create_table_artifact(key="metrics", table=run_report.metrics_rows(metrics, params), description="userlens metrics")
     evaluation = (project.reports_dir / "report.md").read_text()
     create_markdown_artifact(key="evaluation", markdown=evaluation, description="userlens downstream evaluation")
     logger.info("run report written to %s", project.relative(project.run_report))

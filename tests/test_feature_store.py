@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, set_params
-from userlens import feature_store
+from userlens import feature_store, serving
 from userlens.cli import cli
 from userlens.embeddings import export_embeddings
 from userlens.errors import DataError, ServingError
@@ -102,8 +102,8 @@ def write_export(project: Project, version: str, seed: int, users: int = USERS) 
     return path, ids, vectors
 
 
-def reader(project: Project, fallback: str = "mean") -> feature_store.UserEmbeddings:
-    return feature_store.reader(project, project.load_params(), fallback)
+def reader(project: Project, fallback: str = "mean") -> serving.UserEmbeddings:
+    return serving.reader(project, project.load_params(), fallback)
 
 
 def publish(project: Project, version: str, path: Path, **kwargs) -> dict:
@@ -313,7 +313,7 @@ def test_feast_serve_answers_over_http(sqlite_project):
     path, ids, vectors = write_export(sqlite_project, "v1", seed=1)
     state = publish(sqlite_project, "v1", path)
     port = free_port()
-    cmd, env = feature_store.serve_command(sqlite_project, sqlite_project.load_params(), "127.0.0.1", port)
+    cmd, env = serving.serve_command(sqlite_project, sqlite_project.load_params(), "127.0.0.1", port)
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         request = urllib.request.Request(

@@ -53,10 +53,10 @@ def task_states(state) -> dict[str, str]:
 
 
 def served(project, user_ids: list[str]):
-    from userlens import feature_store
+    from userlens import serving
 
     params = Project(project).load_params()
-    return feature_store.reader(Project(project), params).get(user_ids)
+    return serving.reader(Project(project), params).get(user_ids)
 
 
 def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(prefect_server, project):

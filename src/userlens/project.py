@@ -19,8 +19,10 @@ class Project:
     def params_file(self) -> Path:
         return self.root / "params.yaml"
 
-    def load_params(self) -> Params:
-        return load_params(self.params_file)
+    def load_params(self, params_file: str | Path | None = None, overrides: dict | None = None) -> Params:
+        """params.yaml of the project (or `params_file`), with dotted `overrides` applied."""
+        params = load_params(params_file or self.params_file)
+        return params.with_overrides(overrides) if overrides else params
 
     def raw_dir(self, dataset: str) -> Path:
         return self.root / "data" / "raw" / dataset
@@ -35,6 +37,10 @@ class Project:
 
     def model_dir(self, method: str) -> Path:
         return self.root / "data" / "models" / method
+
+    def lifelong_dir(self, dataset: str) -> Path:
+        """data/lifelong/<dataset>/: the event log, partitions and summaries (userlens.lifelong)."""
+        return self.root / "data" / "lifelong" / dataset
 
     @property
     def embeddings_dir(self) -> Path:

@@ -18,7 +18,14 @@ from userlens.io import read_json
 from userlens.report import GEOMETRY, geometry_table, task_results
 
 
-def markdown(project, params: Params, results: dict[str, Any]) -> str:
+def read_metrics(project) -> dict[str, Any]:
+    """reports/metrics.json of the run ({} before the first evaluation)."""
+    path = project.reports_dir / "metrics.json"
+    return read_json(path) if path.exists() else {}
+
+
+def markdown(project, params: Params, results: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The run report, from the run's results and its metrics (`read_metrics`)."""
     decision = results.get("gate") or {}
     lines = [f"# userlens run: {params.data.dataset} ({params.data.source})", ""]
     if project.data_summary.exists():  # data summary, validation result and the path to Data Docs
@@ -29,10 +36,10 @@ def markdown(project, params: Params, results: dict[str, Any]) -> str:
         f"{decision.get('label_fraction', 0) * 100:g}% labels)",
         "",
     ]
-    lines += _comparison(project, decision) + [""]
+    lines += _comparison(metrics, decision) + [""]
     lines += [f"## Gate: {'PROMOTE' if decision.get('passed') else 'BLOCKED'} {decision.get('model_version', '')}", ""]
     lines += [f"- {reason}" for reason in decision.get("reasons", [])] + [""]
-    lines += _geometry(project)
+    lines += geometry_table(metrics[GEOMETRY]) if metrics.get(GEOMETRY) else []
     lines += ["## Online store", "", *_materialized(results), ""]
     user = example_user(project)
     if user is not None:
@@ -49,13 +56,10 @@ def example_user(project) -> str | None:
     return str(ids[0]) if len(ids) else None
 
 
-def metrics_rows(project, params: Params) -> list[dict[str, Any]]:
+def metrics_rows(metrics: dict[str, Any], params: Params) -> list[dict[str, Any]]:
     """One row per task x method x label fraction (the gate's probe) and per ranking metric."""
-    path = project.reports_dir / "metrics.json"
-    if not path.exists():
-        return []
     rows = []
-    for task, by_method in task_results(read_json(path)).items():
+    for task, by_method in task_results(metrics).items():
         for method, entry in by_method.items():
             if "scorer" in entry:  # ranking task: one row per metric
                 for metric, stat in entry.items():
@@ -79,11 +83,9 @@ def _row(task: str, method: str, metric: str, fraction: str, stat: dict) -> dict
     }
 
 
-def _comparison(project, decision: dict) -> list[str]:
+def _comparison(metrics: dict, decision: dict) -> list[str]:
     if not decision:
         return ["(no gate decision)"]
-    metrics_path = project.reports_dir / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.exists() else {}
     key = fraction_key(decision["label_fraction"])
     probe, reference, baseline = decision["probe"], decision["reference"], decision["baseline"]
     lines = ["| task | rule | candidate | baseline | threshold | result |", "|---|---|---|---|---|---|"]
@@ -106,12 +108,6 @@ def _mean(by_method: dict, method: str, probe: str, key: str) -> str:
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}"
-
-
-def _geometry(project) -> list[str]:
-    metrics_path = project.reports_dir / "metrics.json"
-    geometry = read_json(metrics_path).get(GEOMETRY) if metrics_path.exists() else None
-    return geometry_table(geometry) if geometry else []
 
 
 def _materialized(results: dict) -> list[str]:

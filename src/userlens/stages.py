@@ -133,11 +133,10 @@ def build_sequences(project: Project, params: Params) -> dict:
     for exactly the canonical tables on disk. The interactions validation quarantined (the
     repair rules' drops, reports/quarantine/) are left out.
     """
-    tables, canonical = load_canonical(project)
-    quarantine = _require_validated(project)
+    interactions, tables, canonical = validated_interactions(project)
+    quarantined = tables.interactions.height - interactions.height
     start = time.perf_counter()
     min_events, rule = params.validation.min_events_per_user, params.validation.short_users
-    interactions = _without_quarantined(tables.interactions, quarantine)
     # Dense indices in sorted id order; the maps are saved as users.parquet / items.parquet.
     user_ids = interactions["user_id"].unique().sort()
     user_index = dense_codes(interactions["user_id"], user_ids).to_numpy()
@@ -194,7 +193,7 @@ def build_sequences(project: Project, params: Params) -> dict:
         "n_history_events": int(users_out["n_history"].sum()),
         "n_future_events": int(users_out["n_future"].sum()),
         "short_users": {"count": int(short.sum()), "min_events": min_events, "rule": rule},
-        "quarantined_events": quarantine.height,  # left out: reports/quarantine/interactions.parquet
+        "quarantined_events": quarantined,  # left out: reports/quarantine/interactions.parquet
         "categories": categories,
         "rating_scale": canonical["rating_scale"],
     }
@@ -211,6 +210,14 @@ def build_sequences(project: Project, params: Params) -> dict:
         manifest["n_future_events"],
     )
     return manifest
+
+
+def validated_interactions(project: Project) -> tuple[pl.DataFrame, CanonicalTables, dict]:
+    """The canonical interactions that passed validation, less the quarantined rows; with the
+    canonical tables and their manifest (what the sequences stage and the event log read)."""
+    tables, canonical = load_canonical(project)
+    quarantine = _require_validated(project)
+    return _without_quarantined(tables.interactions, quarantine), tables, canonical
 
 
 def _without_quarantined(interactions: pl.DataFrame, quarantine: pl.DataFrame) -> pl.DataFrame:

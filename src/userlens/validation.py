@@ -58,7 +58,7 @@ takes its vectorised paths) and validated by its own Checkpoint (a GX pandas bat
 passed at run time, and a Checkpoint passes the same dataframe to all its definitions).
 Data Docs are built once at the end: UpdateDataDocsAction would re-render the site for every
 table. Results use result_format SUMMARY with a few examples; every GX result becomes a
-`CheckResult` whose sentence comes from the _MESSAGES table.
+`CheckResult` whose sentence comes from the _MESSAGES table (both in validation_results.py).
 
 A NaN rating never reaches GX: CanonicalTables.conform turns it into null (no rating).
 """
@@ -66,7 +66,6 @@ A NaN rating never reaches GX: CanonicalTables.conform turns it into null (no ra
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
@@ -88,6 +87,7 @@ from great_expectations.expectations.metadata_types import FailureSeverity
 from userlens.config import ValidationParams
 from userlens.io import atomic_dir, file_sha256
 from userlens.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, USERS_KEY_SCHEMA, CanonicalTables, outside_scale
+from userlens.validation_results import MAX_EXAMPLES, CheckResult, apply_repairs, check_result, drop_counts
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ REPAIRS = {
 }
 PER_USER_TABLE = "interactions_per_user"
 INTERACTIONS_KEYS = ("user_id", "item_id", "timestamp")  # never null; rating may be
-MAX_EXAMPLES = 5
 DOCS_SITE = "userlens"
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
 
@@ -114,72 +113,11 @@ _GX_TYPE_NAMES = {pl.String: ["str"], pl.Int64: ["int64"], pl.Float32: ["float32
 # Arrow type -> pandas dtype for the frames GX sees (others keep pyarrow's numpy default).
 _PANDAS_DTYPES = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
 
-# check name -> (sentence when it failed, sentence when it passed). Fields: n, total,
-# column, eg (", e.g. a, b" or ""), min_value, max_value, min_date, max_date, types, observed.
-_MESSAGES: dict[str, tuple[str, str]] = {
-    "column_exists": ("column {column} is missing", "column {column} is present"),
-    "column_type": ("{column} has type {observed}, expected {types}", "{column} has type {observed}"),
-    "not_null": ("{n} of {total} rows have a null {column}", "no null {column} in {total} rows"),
-    "rating_in_scale": (
-        "{n} of {total} rows outside the rating scale [{min_value}, {max_value}]{eg}",
-        "all ratings within the rating scale [{min_value}, {max_value}]",
-    ),
-    "timestamp_not_old": (
-        "{n} of {total} rows are implausibly old (before {min_date}){eg}",
-        "no timestamp before {min_date}",
-    ),
-    "timestamp_not_future": (
-        "{n} of {total} rows are in the future (after {max_date}){eg}",
-        "no timestamp after {max_date}",
-    ),
-    "no_duplicate_events": (
-        "{n} of {total} rows are exact duplicate events (same user_id, item_id, timestamp and rating){eg}",
-        "no exact duplicate events in {total} rows",
-    ),
-    "item_in_items": (
-        "{n} of {total} interactions reference an item missing from the items table{eg}",
-        "every interaction's item is in the items table",
-    ),
-    "unique": ("{n} of {total} rows share a duplicated {column}{eg}", "{column} is unique"),
-    "enough_events": (
-        "{n} of {total} users have fewer than {min_value} events (rule 'fail'){eg}",
-        "every user has at least {min_value} events",
-    ),
-    "drop_budget": (
-        "{n} of {total} rows ({share}) would be quarantined, more than validation.max_drop_fraction "
-        "({limit}): {by_rule}",
-        "{n} of {total} rows ({share}) quarantined, within validation.max_drop_fraction ({limit})",
-    ),
-}
-
 _SHORT_USER_RULES = {
     "drop": "excluded from sequences",
     "keep": "kept",
     "fail": "short users fail validation",
 }
-
-
-@dataclass
-class CheckResult:
-    """One expectation's outcome, in words a person can act on."""
-
-    table: str
-    check: str  # our name for it, a key of _MESSAGES
-    expectation: str  # the GX expectation type
-    columns: list[str]
-    success: bool
-    unexpected_count: int | None
-    element_count: int | None
-    examples: list[Any]
-    message: str
-    repair: str | None = None  # the validation.repair rule of a repairable check
-    quarantined: int | None = None  # rows that rule quarantined, when it repaired this check
-
-    @property
-    def where(self) -> str:
-        """`table.column`, or `table.(a, b)` for a check on several columns."""
-        cols = self.columns[0] if len(self.columns) == 1 else f"({', '.join(self.columns)})"
-        return f"{self.table}.{cols}"
 
 
 @dataclass
@@ -310,9 +248,9 @@ def validate_tables(
         order = {e.id: i for i, e in enumerate(suite.expectations)}  # GX returns its own order
         for suite_result in outcome.run_results.values():
             results = sorted(suite_result.results, key=lambda r: order[r.expectation_config.id])
-            checks += [_check_result(table, r, frames[table], quarantine) for r in results]
+            checks += [check_result(table, r, frames[table], quarantine) for r in results]
         logger.debug("%s: validated in %.2f s", table, time.perf_counter() - t0)
-    _apply_repairs(checks, quarantine)
+    apply_repairs(checks, quarantine)
 
     context.build_data_docs(site_names=[DOCS_SITE])
     index = data_docs_dir / "index.html"
@@ -501,11 +439,6 @@ def _quarantine_counts(quarantined: pl.DataFrame, total: int, params: Validation
     }
 
 
-def drop_counts(quarantine: dict[str, Any]) -> str:
-    """A quarantine's rows per rule in words: "duplicate_events 196, rating_out_of_scale 17"."""
-    return ", ".join(f"{rule} {n:,}" for rule, n in quarantine["by_rule"].items() if n) or "none"
-
-
 def _write_quarantine(report: ValidationReport, folder: Path) -> None:
     """Replace `folder` with the quarantined interactions, in one step; record file and hash."""
     with atomic_dir(folder) as staging:
@@ -563,124 +496,6 @@ def _context(data_docs_dir: Path) -> Any:
         data_docs_sites={DOCS_SITE: site},
     )
     return gx.get_context(mode="ephemeral", project_config=config)
-
-
-# --- results --------------------------------------------------------------------------
-
-
-def _apply_repairs(checks: list[CheckResult], quarantine: dict[str, Any]) -> None:
-    """While the drop budget holds, a check that failed under a drop rule is repaired."""
-    if not all(c.success for c in checks if c.check == "drop_budget"):
-        return
-    for check in checks:
-        if check.repair in quarantine["by_rule"] and not check.success and check.unexpected_count:
-            check.success = True
-            check.quarantined = quarantine["by_rule"][check.repair]
-            check.message = f"repaired by drop: {check.quarantined:,} rows quarantined ({check.message})"
-
-
-def _check_result(table: str, result: Any, frame: pl.DataFrame, quarantine: dict[str, Any]) -> CheckResult:
-    config = result.expectation_config
-    kwargs, meta, res = config.kwargs, config.meta or {}, result.result or {}
-    check = meta.get("check", config.type)
-    columns = list(meta.get("columns") or kwargs.get("column_list") or [kwargs.get("column")])
-    unexpected = None if res.get("unexpected_count") is None else int(res["unexpected_count"])
-    total = int(res.get("element_count", frame.height))
-    examples = _examples(res, meta.get("examples_from"))
-    fields = {
-        "n": f"{unexpected or 0:,}",
-        "total": f"{total:,}",
-        "column": ", ".join(columns),
-        "eg": ", e.g. " + ", ".join(_show(check, e) for e in examples) if examples else "",
-        "observed": res.get("observed_value"),
-        **{k: _number(kwargs.get(k)) for k in ("min_value", "max_value")},
-        "types": " or ".join(kwargs.get("type_list") or [str(kwargs.get("type_"))]),
-        "min_date": _iso(kwargs.get("min_value")),
-        "max_date": _iso(kwargs.get("max_value")),
-        "share": f"{quarantine['share']:.2%}",
-        "limit": f"{quarantine['max_drop_fraction']:.2%}",
-        "by_rule": drop_counts(quarantine),
-    }
-    error = _exception_message(result)
-    absent = [c for c in columns if c not in frame.columns]
-    if error and check != "column_exists":
-        message = f"could not be checked: {f'column {absent[0]} is missing' if absent else error}"
-    else:
-        failed, passed = _MESSAGES.get(check, ("failed", "passed"))
-        message = (passed if result.success else failed).format(**fields)
-    return CheckResult(
-        table=table,
-        check=check,
-        expectation=config.type,
-        columns=columns,
-        success=bool(result.success),
-        unexpected_count=unexpected,
-        element_count=total,
-        examples=examples,
-        message=message,
-        repair=meta.get("repair"),
-    )
-
-
-def _examples(res: dict[str, Any], key: str | None) -> list[Any]:
-    """Up to MAX_EXAMPLES distinct unexpected values; with `key`, that index column's values."""
-    if key:
-        raw = [row.get(key) for row in res.get("partial_unexpected_index_list") or []]
-    else:
-        raw = res.get("partial_unexpected_list") or []
-    seen, examples = set(), []
-    for value in map(_jsonable, raw):
-        if value is not None and repr(value) not in seen:  # a null is no example
-            seen.add(repr(value))
-            examples.append(value)
-        if len(examples) == MAX_EXAMPLES:
-            break
-    return examples
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if hasattr(value, "item"):  # numpy scalars
-        return _jsonable(value.item())
-    if isinstance(value, float) and math.isinf(value):
-        return str(value)
-    return value if isinstance(value, (str, int, float, bool)) else str(value)
-
-
-def _show(check: str, value: Any) -> str:
-    if isinstance(value, dict):
-        return "(" + ", ".join("null" if v is None else str(v) for v in value.values()) + ")"
-    if check.startswith("timestamp") and isinstance(value, (int, float)):
-        return f"{value} ({_iso(value)})"
-    return "null" if value is None else str(value)
-
-
-def _number(value: Any) -> Any:
-    """1.0 -> 1 for messages (GX stores bounds as floats); other values unchanged."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _iso(value: Any) -> str | None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    try:
-        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, OSError, ValueError):
-        return str(value)
-
-
-def _exception_message(result: Any) -> str | None:
-    info = result.exception_info or {}
-    infos = [info] if "raised_exception" in info else list(info.values())
-    for item in infos:
-        if isinstance(item, dict) and item.get("raised_exception"):
-            return str(item.get("exception_message") or "error").splitlines()[0]
-    return None
 
 
 def epoch_seconds(day: date) -> int:

@@ -1,0 +1,3 @@
+from userlens.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""The learning commands: pretrain, baselines, evaluate, sweep, and `run` (the whole pipeline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from userlens.cli import Context, _hide_expected_tracebacks, cli, load_flow
+from userlens.project import Project
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def pretrain(obj: Context, no_progress):
+    """Train the Barlow Twins user encoder on data/sequences; export its user embeddings.
+
+    The budget is `pretrain.steps` optimiser steps of `pretrain.batch_size` users. Checkpoints
+    every `pretrain.eval_every` steps in data/models/barlow_twins/ and resumes from there after
+    a crash (same settings and data only). Uses CUDA when present.
+
+    \b
+    Examples:
+      userlens pretrain
+      userlens --set pretrain.steps=2000 --set pretrain.batch_size=64 pretrain
+      userlens --set pretrain.selection=probe pretrain     # keep the round with the best validation probe
+    """
+    from userlens import stages
+
+    manifest = stages.pretrain(obj.project, obj.params(), progress=not no_progress)
+    selection = manifest["selection"]
+    click.echo(
+        f"barlow_twins {manifest['model_version']}: {manifest['steps_run']} steps, exported step "
+        f"{selection['step']} ({selection['reason']}); embeddings in data/embeddings/barlow_twins.parquet"
+    )
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def baselines(obj: Context, no_progress):
+    """Train the comparison methods: dual encoder (same budget as pretrain), ALS, handcrafted, random.
+
+    \b
+    Examples:
+      userlens baselines
+      userlens --set baselines.als_factors=32 baselines
+    """
+    from userlens import stages
+
+    summary = stages.train_baselines(obj.project, obj.params(), progress=not no_progress)
+    click.echo(
+        "embeddings in data/embeddings/: " + ", ".join(f"{m} ({s['model_version']})" for m, s in summary.items())
+    )
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def evaluate(obj: Context, no_progress):
+    """Probe every method's frozen embeddings on the downstream tasks with 1-100 % labels.
+
+    Writes reports/metrics.json, reports/report.md and reports/label_curves.png.
+
+    \b
+    Examples:
+      userlens evaluate
+      userlens --set evaluate.seeds=10 --set "evaluate.probes=[logreg]" evaluate
+    """
+    from userlens import stages
+
+    stages.evaluate(obj.project, obj.params(), progress=not no_progress)
+    click.echo((obj.project.reports_dir / "report.md").read_text())
+
+
+@cli.command()
+@click.pass_obj
+def sweep(obj: Context):
+    """Search Barlow Twins recipes on validation users only, in parallel on Dask.
+
+    Trains every entry of `sweep.candidates` (name -> settings overrides, on top of the
+    current settings) on data/sequences as the Prefect flow `recipe_sweep`, each in its own
+    Dask worker (a local cluster of `sweep.workers` processes, or the scheduler at
+    `sweep.address`), scores each on the validation users' labels only (never a test user),
+    and writes reports/sweep.json and reports/sweep.md with the selected recipe.
+
+    \b
+    Examples:
+      userlens sweep
+      userlens --set sweep.address=tcp://scheduler:8786 sweep
+      userlens --set 'sweep.candidates={"a": {}, "b": {"pretrain.lambd": 0.05}}' sweep
+    """
+    if not obj.debug:
+        _hide_expected_tracebacks()
+    run_sweep = load_flow(obj.project, "run", "sweep_pipeline")
+    run_sweep(project_dir=str(obj.project.root), overrides=obj.overrides, params_file=str(obj.params_file))
+    click.echo((obj.project.reports_dir / "sweep.md").read_text())
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.pass_obj
+def run(obj: Context, no_progress, as_json):
+    """Run the whole pipeline as the Prefect flow `training_pipeline`.
+
+    With no PREFECT_API_URL set, Prefect starts a temporary local server for the run; with
+    one set, the run shows in that server's UI.
+
+    \b
+    Examples:
+      userlens run
+      userlens --source movielens --data-dir ../shared/data/ml-100k run
+    """
+    flow = load_flow(obj.project)
+    if not obj.debug:
+        _hide_expected_tracebacks()
+    summary = flow(
+        project_dir=str(obj.project.root),
+        overrides=obj.overrides,
+        progress=not no_progress,
+        params_file=str(obj.params_file),
+    )
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        click.echo(obj.project.data_summary.read_text())
+        click.echo(
+            f"Results in {obj.project.root}:\n"
+            "  reports/report.md, reports/label_curves.png   downstream evaluation of every method\n"
+            "  data/embeddings/<method>.parquet              user embeddings\n"
+            "  data/models/<method>/curves.csv               training curves\n"
+            "  data/sequences/                               training sequences\n"
+            "  reports/data_summary.md, reports/data_docs/   data summary and validation (GX Data Docs)\n"
+            "  reports/gate.json, reports/run_report.md      gate decision, run report (also Prefect artifacts)\n"
+            "  data/registry/                                model versions and the production alias"
+        )
+        _echo_release(obj.project, summary)
+
+
+def _echo_release(project: Project, summary: dict) -> None:
+    """What the run released: the gate decision, where the report is, and a lookup that works."""
+    from userlens.run_report import example_user
+
+    decision = summary["gate"]
+    click.secho(decision["summary"], fg="green" if decision["passed"] else "yellow")
+    if "promote" in summary:
+        click.echo(summary["promote"]["message"])
+    else:
+        click.echo("production and the online store are unchanged")
+    click.echo(f"report: {project.relative(project.run_report)}")
+    user = example_user(project)
+    if user is not None:
+        where = "" if project.root == Path.cwd().resolve() else f" --project {os.path.relpath(project.root)}"
+        click.echo(f"try:    {_invocation()}{where} lookup {user}")
+
+
+def _invocation() -> str:
+    """How this shell reaches the CLI: `userlens` when it is on PATH, else the script's path (e.g. .venv/bin)."""
+    script = Path(sys.executable).parent / "userlens"
+    on_path = shutil.which("userlens")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "userlens"
+    return os.path.relpath(script) if script.exists() else f"{os.path.relpath(sys.executable)} -m userlens"

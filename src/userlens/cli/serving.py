@@ -1,0 +1,148 @@
+"""The serving commands: materialize, lookup, similar, serve.
+
+They work on the Feast online store: publishing in src/userlens/feature_store.py, reading in src/userlens/serving.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from userlens.cli import Context, cli
+from userlens.errors import UserlensError
+
+
+@cli.command()
+@click.option("--version", "model_version", help="Model version the file holds [default: its model_version column].")
+@click.option(
+    "--embeddings",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Export Parquet to publish [default: the registry's production version].",
+)
+@click.option("--incremental", is_flag=True, help="Refresh the served version from a re-export instead.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def materialize(obj: Context, model_version, embeddings, incremental, no_progress):
+    """Publish user embeddings to the Feast online store, with a consistent cut-over.
+
+    The version is written into the slot that is not served, checked, then the serving pointer
+    (data/feast/serving.json) flips to it; a failure on the way leaves the served version as it
+    was. Without --embeddings it (re)publishes the registry's production version, e.g. into a
+    new Redis; with --embeddings it serves that file, bypassing the gate (for experiments: the
+    registry's production alias does not move). --incremental writes only the users whose rows
+    changed in a re-export of the served version (Feast materialize_incremental).
+
+    \b
+    Examples:
+      userlens materialize
+      userlens materialize --embeddings data/embeddings/dual_encoder.parquet
+      userlens --set serving.online_store=redis materialize
+      userlens materialize --incremental
+    """
+    from userlens import feature_store
+    from userlens.locking import project_lock
+    from userlens.registry import Registry
+
+    params = obj.params()
+    with project_lock(obj.project, "userlens materialize"):
+        if incremental:
+            done = feature_store.refresh(obj.project, params, embeddings, progress=not no_progress)
+            click.echo(f"refreshed {done['model_version']} in slot {done['slot']}: {done['changed']:,} users changed")
+            return
+        if embeddings is None:
+            production = Registry(obj.project).production()
+            if production is None:
+                raise UserlensError("no production version in the registry: run `userlens run` or "
+                                    "`userlens promote`, or pass --embeddings FILE")  # fmt: skip
+            embeddings, model_version = production.embeddings, production.version
+        version = model_version or feature_store.export_version(embeddings)
+        done = feature_store.publish(obj.project, params, version, embeddings, progress=not no_progress)
+    click.echo(
+        f"serving {done['model_version']} from slot {done['slot']} ({done['users']:,} users, "
+        f"{done['users_per_s']:,.0f} users/s, {done['online_store']})"
+    )
+
+
+@cli.command()
+@click.argument("user_ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print version, found flags and full vectors as JSON.")
+@click.option("--fallback", type=click.Choice(["mean", "zeros", "none"]), help="Override serving.fallback.")
+@click.pass_obj
+def lookup(obj: Context, user_ids, as_json, fallback):
+    """Look users up in the online store (the served model version only).
+
+    Unknown users are flagged (found: false) and get the fallback vector.
+
+    \b
+    Examples:
+      userlens lookup 42 17
+      userlens lookup 42 --json
+    """
+    from userlens import serving
+
+    store = serving.reader(obj.project, obj.params(), fallback)
+    vectors, found, version = store.get(user_ids)
+    if as_json:
+        users = [
+            {"user_id": uid, "found": bool(ok), "embedding": None if np.isnan(vec).any() else vec.tolist()}
+            for uid, ok, vec in zip(user_ids, found, vectors, strict=True)
+        ]
+        click.echo(json.dumps({"model_version": version, "slot": store.pointer()["slot"], "users": users}))
+        return
+    click.echo(f"model version {version} (d={vectors.shape[1]})")
+    for uid, ok, vec in zip(user_ids, found, vectors, strict=True):
+        preview = ", ".join(f"{x:.4f}" for x in vec[:4])
+        click.echo(f"{uid}\t{'found' if ok else 'unknown (' + store.fallback + ')'}\t[{preview}, ...]")
+
+
+@cli.command()
+@click.argument("user_id")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="How many neighbours.")
+@click.option("--json", "as_json", is_flag=True, help="Print the neighbours as JSON.")
+@click.pass_obj
+def similar(obj: Context, user_id, k, as_json):
+    """The k users most similar to USER_ID (cosine of the served embeddings).
+
+    \b
+    Examples:
+      userlens similar 42
+      userlens similar 42 -k 5 --json
+    """
+    from userlens import feature_store, serving
+
+    params = obj.params()
+    neighbours = serving.similar(obj.project, params, user_id, k)
+    version = feature_store.serving_state(obj.project, params)["model_version"]
+    if as_json:
+        rows = [{"user_id": uid, "score": score} for uid, score in neighbours]
+        click.echo(json.dumps({"user_id": user_id, "model_version": version, "neighbours": rows}))
+        return
+    click.echo(f"users most similar to {user_id} (model version {version}):")
+    for uid, score in neighbours:
+        click.echo(f"  {uid}\t{score:.4f}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default).")
+@click.option("--port", default=6566, show_default=True, type=int)
+@click.pass_obj
+def serve(obj: Context, host, port):
+    """Serve online features over HTTP: `feast serve` on this project's store.
+
+    \b
+    Examples:
+      userlens serve
+      curl -s -X POST http://127.0.0.1:6566/get-online-features -d \\
+        '{"feature_service": "user_embeddings_blue_service", "entities": {"user_id": ["42"]}}'
+    (the served slot, blue or green, is in data/feast/serving.json and `userlens lookup --json`)
+    """
+    import os
+    import subprocess
+
+    from userlens import serving
+
+    command, env = serving.serve_command(obj.project, obj.params(), host, port)
+    raise SystemExit(subprocess.call(command, env={**os.environ, **env}))
