@@ -172,12 +172,16 @@ ITEMS = pl.DataFrame({"item_id": [str(k) for k in range(10)], "title": [f"Film {
 PAIRS = PartitionParams(max_events=2, max_gap_days=None)  # partitions of two events
 
 
+def resummarise(store: Summaries, parts: Partitions, summariser) -> dict:
+    return store.update(parts.closed(), parts.rule_hash, summariser, ITEMS, (1.0, 5.0), SummaryParams(), progress=False)
+
+
 def summarised(tmp_path, summariser, rows, rule=PAIRS):
     log, parts = EventLog(tmp_path / "log"), Partitions(tmp_path / "partitions")
     log.append(events(rows), {})
     parts.update(log, rule)
     store = Summaries(tmp_path / "summaries")
-    result = store.update(parts, summariser, ITEMS, (1.0, 5.0), SummaryParams(), progress=False)
+    result = resummarise(store, parts, summariser)
     return log, parts, store, result
 
 
@@ -197,10 +201,10 @@ def test_a_second_run_generates_nothing_and_a_new_prompt_version_regenerates(tmp
     fake = CountingSummariser("fake-1")
     log, parts, store, _ = summarised(tmp_path, fake, [("a", str(k), k) for k in range(4)])
     calls = len(fake.requests)
-    assert store.update(parts, fake, ITEMS, (1.0, 5.0), SummaryParams(), progress=False)["summarised"] == 0
+    assert resummarise(store, parts, fake)["summarised"] == 0
     assert len(fake.requests) == calls
     newer = CountingSummariser("fake-2")  # a new prompt version is a new identity: new cache keys
-    assert store.update(parts, newer, ITEMS, (1.0, 5.0), SummaryParams(), progress=False)["generated"] == 2
+    assert resummarise(store, parts, newer)["generated"] == 2
 
 
 def test_new_events_summarise_only_the_newly_closed_partitions(tmp_path):
@@ -209,7 +213,7 @@ def test_new_events_summarise_only_the_newly_closed_partitions(tmp_path):
     fake.requests.clear()
     log.append(events([("b", "3", 3), ("b", "4", 4)]), {})
     parts.update(log, PAIRS)
-    result = store.update(parts, fake, ITEMS, (1.0, 5.0), SummaryParams(), progress=False)
+    result = resummarise(store, parts, fake)
     assert result["generated"] == 1 and [p for p, _ in fake.requests] == ["2 events after <None>"]  # b's second
 
 
@@ -218,7 +222,7 @@ def test_rebuilt_identical_partitions_come_from_the_cache(tmp_path):
     log, parts, store, _ = summarised(tmp_path, fake, [("a", str(k), k) for k in range(4)])
     parts.update(log, PartitionParams(max_events=2, max_gap_days=365))  # a new rule, the same partitions
     fake.requests.clear()
-    result = store.update(parts, fake, ITEMS, (1.0, 5.0), SummaryParams(), progress=False)
+    result = resummarise(store, parts, fake)
     assert result["summarised"] == 2 and result["generated"] == 0 and not fake.requests
 
 
@@ -233,3 +237,64 @@ def test_the_template_summary_states_interests_ratings_titles_and_the_shift():
     second = template.summarise([(first, view([(3, ("Comedy",)), (4, ("Western",))], 1.0))])[0]
     assert "more Comedy" in second and "new Western" in second and "less Drama" in second
     assert "mostly disliked" in second
+
+
+# --- fusion and the CTR model ---------------------------------------------------------------------
+
+
+def test_partition_inputs_put_the_most_recent_partition_last_with_recency_zero():
+    import numpy as np
+
+    from userlens.lifelong.fusion import partition_inputs
+
+    closed = pl.DataFrame({"user_id": ["a", "a", "a", "b"], "partition": [0, 1, 2, 0]})
+    open_rows = pl.DataFrame({"user_id": ["a", "b", "c"], "partition": [3, 1, 0], "n_events": [2, 0, 0]})
+    vec = {(u, p): np.full(2, 10 * p + 1, np.float32) for u, p in [("a", 0), ("a", 1), ("a", 2), ("a", 3), ("b", 0)]}
+    text = {k: v for k, v in vec.items() if k != ("a", 3)}  # the open cache has no summary
+    inputs = partition_inputs(["a", "b", "c"], closed, open_rows, text, vec, max_partitions=3, text_dim=2, event_dim=2)
+    assert inputs.events[0, :, 0].tolist() == [11.0, 21.0, 31.0]  # a: partitions 1, 2 and the open cache
+    assert inputs.recency[0].tolist() == [2, 1, 0] and inputs.text[0, 2].tolist() == [0.0, 0.0]
+    assert inputs.present.tolist() == [[True] * 3, [True, False, False], [True, False, False]]  # c: one empty slot
+
+
+def test_the_like_rule_is_three_quarters_up_the_rating_scale():
+    from userlens.lifelong.ctr import examples
+
+    sequences = pl.DataFrame({"user_index": [0, 1], "future_item_index": [[3, 4], [5]],
+                              "future_rating": [[4.0, 3.0], [None]]})  # fmt: skip
+    found = examples(sequences, (1.0, 5.0))
+    assert found.user.tolist() == [0, 0] and found.item.tolist() == [3, 4] and found.label.tolist() == [1.0, 0.0]
+
+
+def test_the_fusion_finds_taste_that_only_the_most_recent_partition_shows():
+    """Planted drift: whether a user likes item kind 1 is written only in their most recent
+    partition; older partitions and the base features carry noise. The fused vector must find it."""
+    import numpy as np
+    import torch
+
+    from userlens.config import CTRParams
+    from userlens.lifelong import ctr
+    from userlens.lifelong.fusion import PartitionInputs
+
+    rng = np.random.default_rng(0)
+    n_users, n_partitions, per_user = 300, 4, 12
+    recent_taste = rng.integers(0, 2, n_users)
+    text = rng.normal(size=(n_users, n_partitions, 8)).astype(np.float32)
+    text[:, -1, 0] = np.where(recent_taste == 1, 2.0, -2.0)  # only the last partition says it
+    recency = torch.arange(n_partitions - 1, -1, -1).repeat(n_users, 1)  # left to right: oldest to newest
+    present = torch.ones(n_users, n_partitions, dtype=torch.bool)
+    events = torch.zeros(n_users, n_partitions, 4)
+    inputs = PartitionInputs([str(u) for u in range(n_users)], torch.from_numpy(text), events, recency, present)
+    users = np.repeat(np.arange(n_users), per_user)
+    items = rng.integers(0, 2, users.size)
+    liked = ((items == recent_taste[users]) ^ (rng.random(users.size) < 0.1)).astype(np.float32)
+    data = ctr.Examples(users, items, liked)
+    features = ctr.UserFeatures(ctr.standardised(rng.normal(size=(n_users, 3))), None, inputs)
+    categories = torch.eye(2)
+    train, test = np.arange(200), np.arange(200, n_users)
+    params = CTRParams(epochs=40, patience=5, users_per_batch=32, lr=3e-3)
+    base, _ = ctr.fit_and_score("base", data, features, categories, train, test, params, 16, n_partitions, seed=0)
+    fused, _ = ctr.fit_and_score(
+        "base+interest", data, features, categories, train, test, params, 16, n_partitions, seed=0
+    )
+    assert base["auc"] < 0.6 and fused["auc"] > 0.8, (base, fused)

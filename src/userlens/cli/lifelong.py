@@ -101,3 +101,28 @@ def profile(obj: Context, user_id, use_llm, as_json):
             f"(closed by {row['closed_by']})"
         )
         click.echo(f"    {row['summary'] or '(no summary yet: run `userlens summarise`)'}")
+
+
+@cli.command()
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def fuse(obj: Context, no_progress):
+    """Train the interest fusion on the CTR objective and report what user_interest adds.
+
+    \b
+    From each user's history partitions (the future window left out) and their summaries,
+    the fusion and a CTR model learn whether the user likes the items of their future
+    window; every variant (base features, + Barlow Twins, + user_interest, + both) trains on
+    the same user splits (lifelong.ctr.seeds). Writes reports/lifelong.json and .md.
+    Needs `userlens partitions` and a trained encoder (`userlens pretrain`).
+
+    \b
+    Examples:
+      userlens fuse
+      userlens --set lifelong.summary.summariser=llm --set lifelong.fusion.text_encoder=lm fuse
+    """
+    from userlens.lifelong import pipeline
+
+    result = pipeline.fuse(obj.project, obj.params(), progress=not no_progress)
+    click.echo((obj.project.reports_dir / "lifelong.md").read_text().rstrip())
+    click.echo(f"\n({result['seconds']:.0f}s; reports/lifelong.json)")

@@ -98,8 +98,19 @@ def summarise(project: Project, params: Params, progress: bool = True) -> dict[s
     settings = params.lifelong
     summariser = make_summariser(settings.summary, settings.llm.model, settings.llm.device)
     return summary_store(project, params).update(
-        store, summariser, tables.items, tables.rating_scale, settings.summary, progress
+        store.closed(), store.rule_hash, summariser, tables.items, tables.rating_scale, settings.summary, progress
     )
+
+
+def fuse(project: Project, params: Params, progress: bool = True) -> dict[str, Any]:
+    """The lifelong evaluation (lifelong/evaluate.py) -> reports/lifelong.json and reports/lifelong.md."""
+    from userlens.io import write_json_atomic, write_text_atomic
+    from userlens.lifelong.evaluate import evaluate_interest, markdown
+
+    result = {**evaluate_interest(project, params, progress), "dataset": params.data.dataset, "created_at": utc_now()}
+    write_json_atomic(project.reports_dir / "lifelong.json", result)
+    write_text_atomic(project.reports_dir / "lifelong.md", markdown(result))
+    return result
 
 
 def profile(project: Project, params: Params, user_id: str) -> dict[str, Any]:

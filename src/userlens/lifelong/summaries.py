@@ -30,7 +30,6 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from userlens.config import SummaryParams
-from userlens.lifelong.partitions import Partitions
 from userlens.lifelong.parts import PartStore
 from userlens.lifelong.prompts import PROMPT_VERSION, Event, PartitionView, render_partition, summary_chat
 
@@ -159,20 +158,20 @@ class Summaries:
 
     def update(
         self,
-        partitions: Partitions,
+        partitions: pl.DataFrame,
+        rule: str,
         summariser: Summariser,
         items: pl.DataFrame,
         rating_scale: tuple[float, float] | None,
         params: SummaryParams,
         progress: bool = True,
     ) -> dict[str, Any]:
-        """Summarise every closed partition that has no summary from this summariser yet.
-        Returns counts: partitions summarised, generated (cache misses), rounds, seconds."""
+        """Summarise every closed partition (PARTITION_SCHEMA rows, made by the closing rule
+        named `rule`) that has no summary from this summariser yet. Returns counts: partitions
+        summarised, generated (cache misses), rounds, seconds."""
         started = time.perf_counter()
-        rule = partitions.rule_hash
         done = self.records(summariser.identity, rule)
-        closed = partitions.closed().join(done.select("user_id", "partition"), on=["user_id", "partition"],
-                                          how="anti")  # fmt: skip
+        closed = partitions.join(done.select("user_id", "partition"), on=["user_id", "partition"], how="anti")
         if closed.is_empty():
             return {"summarised": 0, "generated": 0, "rounds": 0, "seconds": 0.0, "summariser": summariser.identity}
         cache = dict(self.store.read(schema=SCHEMA).select("key", "text").iter_rows())
