@@ -114,7 +114,7 @@ def fuse(obj: Context, no_progress):
     the fusion and a CTR model learn whether the user likes the items of their future
     window; every variant (base features, + Barlow Twins, + user_interest, + both) trains on
     the same user splits (lifelong.ctr.seeds). Writes reports/lifelong.json and .md.
-    Needs `userlens partitions` and a trained encoder (`userlens pretrain`).
+    Brings the event log and partitions up to date first; needs a trained encoder (`userlens pretrain`).
 
     \b
     Examples:

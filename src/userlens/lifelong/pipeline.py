@@ -107,6 +107,8 @@ def fuse(project: Project, params: Params, progress: bool = True) -> dict[str, A
     from userlens.io import write_json_atomic, write_text_atomic
     from userlens.lifelong.evaluate import evaluate_interest, markdown
 
+    sync_log(project, params)  # the history it reads is the log's: bring it up to date first (cheap when it is)
+    partitions(project, params)
     result = {**evaluate_interest(project, params, progress), "dataset": params.data.dataset, "created_at": utc_now()}
     write_json_atomic(project.reports_dir / "lifelong.json", result)
     write_text_atomic(project.reports_dir / "lifelong.md", markdown(result))

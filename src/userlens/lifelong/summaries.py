@@ -12,7 +12,7 @@ Two summarisers, selected by `lifelong.summary.summariser`:
   model at all: the CPU default and what tests use. It is named for what it is everywhere.
 
 Storage, data/lifelong/<dataset>/summaries/: append-only parts of (key, user_id, partition,
-rule, summariser, text); a part is written after each round of the cascade, so an interrupted
+rule, summariser, text); a part is written every COMMIT_EVERY summaries, so an interrupted
 run keeps what it generated.
 """
 
@@ -35,6 +35,7 @@ from userlens.lifelong.prompts import PROMPT_VERSION, Event, PartitionView, rend
 
 log = logging.getLogger(__name__)
 TEMPLATE_VERSION = "template-1"
+COMMIT_EVERY = 256  # summaries written to the store at a time
 SCHEMA = {"key": pl.String, "user_id": pl.String, "partition": pl.Int32, "rule": pl.String,
           "summariser": pl.String, "text": pl.String}  # fmt: skip
 Request = tuple[str | None, PartitionView]  # (previous summary or None, the partition)
@@ -182,22 +183,25 @@ class Summaries:
         bar = tqdm(total=closed.height, desc=f"summaries ({summariser.identity.split('|')[0]})", unit="partition",
                    disable=not progress)  # fmt: skip
         for (index,), level in sorted(pending.items()):
-            ready = list(level.iter_rows(named=True))  # their partition index - 1 is summarised (done or earlier round)
-            requests = [(previous.get((row["user_id"], index - 1)), _view(row, lookup, rating_scale)) for row in ready]
-            keys = [cache_key(summariser.identity, prev, render_partition(view, params.max_events_in_prompt))
-                    for prev, view in requests]  # fmt: skip
-            missing = [i for i, key in enumerate(keys) if key not in cache]
-            texts = summariser.summarise([requests[i] for i in missing], progress=bar.update)
-            cache.update(zip((keys[i] for i in missing), texts, strict=True))
-            bar.update(len(ready) - len(missing))
-            frame = pl.DataFrame(
-                {"key": keys, "user_id": [r["user_id"] for r in ready], "partition": [index] * len(ready),
-                 "rule": [rule] * len(ready), "summariser": [summariser.identity] * len(ready),
-                 "text": [cache[k] for k in keys]}, schema=SCHEMA,
-            )  # fmt: skip
-            self.store.commit(frame)
-            previous.update(((r["user_id"], index), cache[k]) for r, k in zip(ready, keys, strict=True))
-            summarised, generated, rounds = summarised + len(ready), generated + len(missing), rounds + 1
+            # Partition index - 1 of these users is summarised (done before, or the last round).
+            for chunk in level.iter_slices(COMMIT_EVERY):  # each chunk is committed: a crash keeps the rest
+                ready = list(chunk.iter_rows(named=True))
+                requests = [(previous.get((r["user_id"], index - 1)), _view(r, lookup, rating_scale)) for r in ready]
+                keys = [cache_key(summariser.identity, prev, render_partition(view, params.max_events_in_prompt))
+                        for prev, view in requests]  # fmt: skip
+                missing = [i for i, key in enumerate(keys) if key not in cache]
+                texts = summariser.summarise([requests[i] for i in missing], progress=bar.update)
+                cache.update(zip((keys[i] for i in missing), texts, strict=True))
+                bar.update(len(ready) - len(missing))
+                frame = pl.DataFrame(
+                    {"key": keys, "user_id": [r["user_id"] for r in ready], "partition": [index] * len(ready),
+                     "rule": [rule] * len(ready), "summariser": [summariser.identity] * len(ready),
+                     "text": [cache[k] for k in keys]}, schema=SCHEMA,
+                )  # fmt: skip
+                self.store.commit(frame)
+                previous.update(((r["user_id"], index), cache[k]) for r, k in zip(ready, keys, strict=True))
+                summarised, generated = summarised + len(ready), generated + len(missing)
+            rounds += 1
         bar.close()
         seconds = time.perf_counter() - started
         log.info("summaries: %d partitions (%d generated, %d from the cache) in %.1fs by %s", summarised, generated,
