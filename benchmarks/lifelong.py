@@ -9,8 +9,9 @@ it: data stages, a trained Barlow Twins encoder), on the validated interactions.
 
 - refresh: 1 % of the users get new events (their last 20 % of events are held back, then
   appended) vs a full rebuild of log + partitions + summaries, side by side in one run: wall
-  time and summariser calls for both; the LLM's refresh is timed for real on the same events,
-  its full rebuild is projected from the measured LLM throughput (and labelled so).
+  time and summariser calls for both; the LLM's refresh is timed for real on the same events
+  (its starting state built for the refreshed users only), its full rebuild is projected from
+  the measured LLM time per summary (and labelled so).
 - throughput: partitions/s of the template summariser (all partitions) and of the LLM on the
   CPU (a sample, batched), and on CUDA when there is a GPU;
 - ctr: `userlens fuse` with the template summaries (AUC / log loss per variant, paired).
@@ -48,9 +49,11 @@ class Counting:
         return out
 
 
-def lifelong_cycle(folder: Path, batches: list[pl.DataFrame], summariser, params, items, scale) -> dict:
+def lifelong_cycle(folder: Path, batches: list[pl.DataFrame], summariser, params, items, scale, users=None) -> dict:
     """Append each batch to a fresh log in `folder`, updating partitions and summaries after each;
-    the figures of the LAST batch (wall time, summariser calls)."""
+    the figures of the LAST batch (wall time, summariser calls). `users`: summarise only these
+    users' partitions (the LLM's state is built for the refreshed users alone: nobody else's
+    summaries take part in their refresh, and summarising everyone would take hours here)."""
     from userlens.lifelong.log import EventLog
     from userlens.lifelong.partitions import Partitions
     from userlens.lifelong.summaries import Summaries
@@ -61,7 +64,8 @@ def lifelong_cycle(folder: Path, batches: list[pl.DataFrame], summariser, params
         started = time.perf_counter()
         log.append(batch, {})
         change = parts.update(log, params.lifelong.partition)
-        summaries.update(parts.closed(), parts.rule_hash, counted, items, scale, params.lifelong.summary, False)
+        closed = parts.closed() if users is None else parts.closed(users)
+        summaries.update(closed, parts.rule_hash, counted, items, scale, params.lifelong.summary, False)
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "calls": counted.calls, "summariser_seconds": counted.seconds,
             "touched_users": change["touched_users"], "partitions": parts.closed().height}  # fmt: skip
@@ -85,8 +89,9 @@ def refresh_study(project: Path, params, llm) -> dict:
     summarisers = {"template": TemplateSummariser()} | ({"llm": llm} if llm is not None else {})
     for name, summariser in summarisers.items():
         with tempfile.TemporaryDirectory() as tmp:
+            only = chosen.to_list() if name == "llm" else None
             incremental = lifelong_cycle(Path(tmp) / "inc", [old, new], summariser, params, tables.items,
-                                         tables.rating_scale)  # fmt: skip
+                                         tables.rating_scale, only)  # fmt: skip
             full = None
             if name == "template":  # the LLM's full rebuild would take hours on 2 cores: projected below
                 full = lifelong_cycle(Path(tmp) / "full", [events], summariser, params, tables.items,

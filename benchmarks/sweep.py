@@ -14,6 +14,8 @@ With --dataset, the recipe search itself instead: `userlens sweep` with params.y
 its report copied to benchmarks/out/sweep-<dataset>.{json,md}:
 
     python benchmarks/sweep.py --dataset ml-100k --steps 300
+    python benchmarks/sweep.py --dataset ml-100k --steps 300 --candidates SECOND --tag second
+                                   # another set (SECOND below): lr, width, pooling, history length
 """
 
 from __future__ import annotations
@@ -37,15 +39,28 @@ CANDIDATES = {
 }
 
 
+SECOND = {  # the rest of issue 9's search space, beside params.yaml's candidates
+    "current": {},
+    "lr-0.002": {"pretrain.lr": 0.002},
+    "lr-0.0005": {"pretrain.lr": 0.0005},
+    "d-model-128": {"model.d_model": 128},
+    "pooling-cls": {"model.pooling": "cls"},
+    "max-length-50": {"sequences.max_length": 50},
+}
+NAMED = {"SECOND": SECOND}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="pretraining steps per candidate")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dataset", help="run the recipe search on this dataset (see benchmarks/quality.py)")
+    parser.add_argument("--candidates", choices=list(NAMED), help="--dataset: this set instead of params.yaml's")
+    parser.add_argument("--tag", help="--dataset: name the outputs sweep-<dataset>-<tag>.{json,md}")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="userlens-sweep-prefect-"))
     if args.dataset:
-        return recipe_search(args.dataset, args.steps, args.workers)
+        return recipe_search(args.dataset, args.steps, args.workers, NAMED.get(args.candidates), args.tag)
     project = scratch_project(OUT / "sweep-project")
     settings = ["--project", str(project), "--set", "dvc.push=false", "--set", f"pretrain.steps={args.steps}"]
     for verb in ("fetch", "ingest", "validate", "sequences"):
@@ -98,21 +113,23 @@ def main() -> None:
           f"{result['selected_sequential']} (one after another)")  # fmt: skip
 
 
-def recipe_search(dataset: str, steps: int, workers: int) -> None:
+def recipe_search(dataset: str, steps: int, workers: int, candidates: dict | None, tag: str | None) -> None:
     import shutil
 
     import quality
 
     project = OUT / f"quality-{dataset}-project"
     data_settings = quality.prepare(project, dataset)
+    chosen = ["--set", f"sweep.candidates={json.dumps(candidates)}"] if candidates else []
     started = time.perf_counter()
     userlens("--project", str(project), *data_settings, "--set", f"pretrain.steps={steps}",
-             "--set", f"sweep.workers={workers}", "sweep")  # fmt: skip
+             "--set", f"sweep.workers={workers}", *chosen, "sweep")  # fmt: skip
+    name = f"sweep-{dataset}" + (f"-{tag}" if tag else "")
     for suffix in ("json", "md"):
-        shutil.copy(project / "reports" / f"sweep.{suffix}", OUT / f"sweep-{dataset}.{suffix}")
+        shutil.copy(project / "reports" / f"sweep.{suffix}", OUT / f"{name}.{suffix}")
     print(f"Dataset: {dataset}; {steps} steps per candidate. Machine: {machine()}; "
           f"{time.perf_counter() - started:.0f} s\n")  # fmt: skip
-    print((OUT / f"sweep-{dataset}.md").read_text())
+    print((OUT / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -126,3 +126,13 @@ def test_release_verbs_have_help_with_examples(verb):
 
     result = CliRunner().invoke(cli, [verb, "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output and f"userlens {verb}" in result.output
+
+
+def test_a_blocked_run_with_nothing_in_production_offers_no_lookup(tmp_path, capsys):
+    """The end of `userlens run`: a lookup is suggested only when something is served."""
+    from userlens.cli.learning import _echo_release
+    from userlens.project import Project
+
+    _echo_release(Project(tmp_path), {"gate": {"summary": "gate blocked v1: ...", "passed": False}})
+    printed = capsys.readouterr().out
+    assert "nothing is served yet" in printed and "try:" not in printed

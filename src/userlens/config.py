@@ -259,6 +259,7 @@ class SummaryParams(_Section):
 
     summariser: Literal["template", "llm"] = "template"  # template: deterministic, no language model
     max_new_tokens: int = Field(64, gt=0)  # the LLM's cap per summary (greedy decoding)
+    no_repeat_ngram: int = Field(3, ge=0)  # the LLM may not repeat an n-gram of this size (0 = off)
     batch_size: int = Field(16, gt=0)  # prompts generated together
     max_events_in_prompt: int = Field(20, gt=0)  # events listed per partition (the most recent)
 

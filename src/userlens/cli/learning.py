@@ -154,6 +154,9 @@ def _echo_release(project: Project, summary: dict) -> None:
     else:
         click.echo("production and the online store are unchanged")
     click.echo(f"report: {project.relative(project.run_report)}")
+    if "promote" not in summary and not decision.get("production_version"):
+        click.echo("nothing is served yet: `userlens models` lists the candidate; `userlens promote VERSION --force`")
+        return
     user = example_user(project)
     if user is not None:
         where = "" if project.root == Path.cwd().resolve() else f" --project {os.path.relpath(project.root)}"

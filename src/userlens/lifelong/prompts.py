@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-PROMPT_VERSION = "uil-1"
+PROMPT_VERSION = "uil-2"
 
 SYSTEM = (
     "You write short, factual profiles of a person's interests for a recommender system. "
@@ -19,8 +19,8 @@ SYSTEM = (
 FIRST_PERIOD = "none: this is the first period on record"
 
 INSTRUCTION = (
-    "In at most two sentences, summarise this person's current interests (genres or kinds of "
-    "items, what they rate highly) and how they shifted from the previous summary."
+    "In at most two sentences of plain prose (no lists), summarise this person's current interests "
+    "(genres or kinds of items, what they rate highly) and how they shifted from the previous summary."
 )
 
 

@@ -114,11 +114,13 @@ class LLMSummariser:
 
     def summarise(self, requests: list[Request], progress: Any = None) -> list[str]:
         chats = [summary_chat(prev, view, self.params.max_events_in_prompt) for prev, view in requests]
-        return self.model.generate(chats, self.params.max_new_tokens, self.params.batch_size, progress)
+        return self.model.generate(chats, self.params.max_new_tokens, self.params.batch_size, progress,
+                                   self.params.no_repeat_ngram)  # fmt: skip
 
 
 def llm_identity(model_identity: str, params: SummaryParams) -> str:
-    return f"llm:{model_identity}|{PROMPT_VERSION}|max_new_tokens={params.max_new_tokens}"
+    decoding = f"max_new_tokens={params.max_new_tokens}|no_repeat={params.no_repeat_ngram}"
+    return f"llm:{model_identity}|{PROMPT_VERSION}|{decoding}"
 
 
 def summariser_identity(params: SummaryParams, llm_model: str) -> str:

@@ -95,9 +95,17 @@ class LanguageModel:
         self.identity = files.identity
         self.hidden_size = int(model.config.hidden_size)
 
-    def generate(self, chats: list[list[Message]], max_new_tokens: int, batch_size: int, progress=None) -> list[str]:
+    def generate(
+        self,
+        chats: list[list[Message]],
+        max_new_tokens: int,
+        batch_size: int,
+        progress=None,
+        no_repeat_ngram_size: int = 0,
+    ) -> list[str]:
         """Greedy completions of chat prompts, `batch_size` at a time (similar lengths batched
-        together, so little is padding); `progress(n)` is called after each batch."""
+        together, so little is padding); `progress(n)` is called after each batch.
+        `no_repeat_ngram_size` > 0 forbids repeating n-grams (small models loop under greedy decoding)."""
         import torch
 
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
@@ -110,7 +118,8 @@ class LanguageModel:
                                    add_special_tokens=False).to(self.device)  # fmt: skip
             with torch.inference_mode():
                 tokens = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                             pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+                                             pad_token_id=self.tokenizer.pad_token_id,
+                                             no_repeat_ngram_size=no_repeat_ngram_size)  # fmt: skip
             new = tokens[:, batch["input_ids"].shape[1] :]
             for i, text in zip(chosen, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 out[i] = text.strip()
