@@ -20,7 +20,7 @@ NEXT_ITEM_WEIGHT_DECAY = 1e-3
 PROBE_BATCH_CELLS = 1 << 24  # largest [users, items] target block of one probe step
 
 
-def _standardise(x_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+def standardise(x_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """Scale by the mean and std of x_fit (constant columns left at scale 1), float32."""
     mean = x_fit.mean(axis=0)
     std = x_fit.std(axis=0)
@@ -50,7 +50,7 @@ def fit_predict_many(
         raise ValueError("no labelled examples to fit a probe on")
     if classes.size == 1:
         return [np.full(len(x_test), classes[0]) for x_test in x_tests]
-    scaled = [_standardise(x_train, x_test) for x_train, x_test in zip(x_trains, x_tests, strict=True)]
+    scaled = [standardise(x_train, x_test) for x_train, x_test in zip(x_trains, x_tests, strict=True)]
     if probe == "logreg":
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression

@@ -165,5 +165,7 @@ def _predict(model: CTRModel, data: Examples, rows: np.ndarray, features: UserFe
 
 
 def standardised(x: np.ndarray) -> torch.Tensor:
-    std = x.std(axis=0)
-    return torch.from_numpy(((x - x.mean(axis=0)) / np.where(std > 1e-8, std, 1.0)).astype(np.float32))
+    """User features scaled as the probes scale theirs (probes.standardise), as a tensor."""
+    from userlens.probes import standardise
+
+    return torch.from_numpy(standardise(x)[0])

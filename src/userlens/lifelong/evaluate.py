@@ -20,7 +20,10 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from userlens.baselines import handcrafted_profile, item_category_matrix
 from userlens.config import Params
+from userlens.errors import UserlensError
+from userlens.io import read_json
 from userlens.lifelong import ctr
 from userlens.lifelong.fusion import event_set_vectors, partition_inputs, text_vectors
 from userlens.lifelong.partitions import partition_events, rule_hash, rule_of
@@ -57,13 +60,15 @@ def evaluate_interest(project: Project, params: Params, progress: bool = True) -
     settings = params.lifelong
     tables, _ = load_canonical(project)
     if tables.rating_scale is None:
-        raise_no_ratings()
+        raise UserlensError(
+            "the lifelong CTR evaluation needs ratings (a liked item is rated high): this data has none"
+        )
     inputs, user_ids, sequences, summariser = _inputs(project, params, tables, progress)
-    base = ctr.standardised(_handcrafted(project))
+    base = ctr.standardised(handcrafted_profile(project.sequences_dir))
     bt = ctr.standardised(_aligned_embeddings(project.embeddings_dir / "barlow_twins.parquet", user_ids))
     features = ctr.UserFeatures(base, bt, inputs)
     data = ctr.examples(sequences, tables.rating_scale)
-    categories = _item_categories(project.sequences_dir)
+    categories = torch.from_numpy(item_category_matrix(project.sequences_dir).toarray())
     scores: dict[str, dict[str, list[float]]] = {v: {"auc": [], "log_loss": []} for v in ctr.VARIANTS}
     units = [(seed, variant) for seed in range(settings.ctr.seeds) for variant in ctr.VARIANTS]
     for seed, variant in tqdm(units, desc="CTR (seed x variant)", disable=not progress):
@@ -99,12 +104,6 @@ def evaluate_interest(project: Project, params: Params, progress: bool = True) -
     }
 
 
-def raise_no_ratings():
-    from userlens.errors import UserlensError
-
-    raise UserlensError("the lifelong CTR evaluation needs ratings (a liked item is rated high): this data has none")
-
-
 def _inputs(project: Project, params: Params, tables, progress: bool):
     """The fusion's inputs for every user of data/sequences, from their history partitions."""
     from userlens.lifelong import pipeline
@@ -116,11 +115,9 @@ def _inputs(project: Project, params: Params, tables, progress: bool):
     sequences = pl.read_parquet(seq_dir / "sequences.parquet").sort("user_index")
     logged = pipeline.event_log(project, params)
     if not logged.n_events:
-        from userlens.errors import UserlensError
-
         raise UserlensError("the event log is empty: run `userlens partitions` first")
     closed, open_rows = partition_events(history_events(project, logged.read()), settings.partition)
-    manifest = _sequences_manifest(seq_dir)
+    manifest = read_json(seq_dir / "manifest.json")
     # History partitions are named apart from the stored ones: (user, index) means another set here.
     tag = f"{rule_hash(rule_of(settings.partition))}|history|{manifest['raw_dvc_hash']}|{manifest['params_hash']}"
     store: Summaries = pipeline.summary_store(project, params)
@@ -141,16 +138,9 @@ def _inputs(project: Project, params: Params, tables, progress: bool):
     return inputs, user_ids, sequences, summariser.identity
 
 
-def _sequences_manifest(seq_dir: Path) -> dict:
-    from userlens.io import read_json
-
-    return read_json(seq_dir / "manifest.json")
-
-
 def _served_encoder(project: Project, params: Params):
     """The trained Barlow Twins encoder (data/models/barlow_twins/encoder.pt) and its vocabulary."""
     from userlens.data import SequenceData
-    from userlens.errors import UserlensError
     from userlens.model import UserEncoder
     from userlens.train import ENCODER
 
@@ -163,32 +153,16 @@ def _served_encoder(project: Project, params: Params):
     return encoder.eval(), data.item_ids
 
 
-def _handcrafted(project: Project) -> np.ndarray:
-    from userlens.baselines import handcrafted_profile
-
-    return handcrafted_profile(project.sequences_dir)
-
-
 def _aligned_embeddings(path: Path, user_ids: list[str]) -> np.ndarray:
+    """An export's vectors, which are in data/sequences' user order (as stages.evaluate requires)."""
     from userlens.embeddings import read_embeddings
-    from userlens.errors import UserlensError
 
     if not path.exists():
         raise UserlensError(f"{path} not found: run `userlens pretrain` first")
     ids, vectors = read_embeddings(path)
-    where = {u: i for i, u in enumerate(ids)}
-    return vectors[[where[u] for u in user_ids]]
-
-
-def _item_categories(seq_dir: Path) -> torch.Tensor:
-    items = pl.read_parquet(seq_dir / "items.parquet", columns=["item_index", "category_index"]).sort("item_index")
-    flat = items.explode("category_index").drop_nulls()
-    n_categories = int(flat["category_index"].max() or 0) + 1 if flat.height else 1
-    out = torch.zeros(items.height, n_categories)
-    out[
-        torch.as_tensor(flat["item_index"].to_numpy().copy()), torch.as_tensor(flat["category_index"].to_numpy().copy())
-    ] = 1.0
-    return out
+    if ids != user_ids:
+        raise UserlensError(f"{path} is for other users than data/sequences: rerun `userlens pretrain`")
+    return vectors
 
 
 def _stat(values: list[float]) -> dict[str, Any]:

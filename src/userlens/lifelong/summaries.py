@@ -154,10 +154,7 @@ class Summaries:
     def records(self, summariser: str | None = None, rule: str | None = None) -> pl.DataFrame:
         """(key, user_id, partition, rule, summariser, text) rows; the last written wins per
         (user, partition, rule, summariser)."""
-        rows = self.store.read(schema=SCHEMA)
-        if summariser is not None:
-            rows = rows.filter((pl.col("summariser") == summariser) & (pl.col("rule") == rule))
-        return rows.unique(subset=["user_id", "partition", "rule", "summariser"], keep="last", maintain_order=True)
+        return _latest(self.store.read(schema=SCHEMA), summariser, rule)
 
     def update(
         self,
@@ -173,11 +170,12 @@ class Summaries:
         named `rule`) that has no summary from this summariser yet. Returns counts: partitions
         summarised, generated (cache misses), rounds, seconds."""
         started = time.perf_counter()
-        done = self.records(summariser.identity, rule)
+        written = self.store.read(schema=SCHEMA)
+        done = _latest(written, summariser.identity, rule)
         closed = partitions.join(done.select("user_id", "partition"), on=["user_id", "partition"], how="anti")
         if closed.is_empty():
             return {"summarised": 0, "generated": 0, "rounds": 0, "seconds": 0.0, "summariser": summariser.identity}
-        cache = dict(self.store.read(schema=SCHEMA).select("key", "text").iter_rows())
+        cache = dict(written.select("key", "text").iter_rows())
         previous = {(u, p): t for u, p, t in done.select("user_id", "partition", "text").iter_rows()}
         lookup = _item_lookup(items)
         pending = closed.sort(["user_id", "partition"]).partition_by("partition", as_dict=True, maintain_order=True)
@@ -210,6 +208,14 @@ class Summaries:
                  summarised - generated, seconds, summariser.identity)  # fmt: skip
         return {"summarised": summarised, "generated": generated, "rounds": rounds, "seconds": round(seconds, 3),
                 "summariser": summariser.identity}  # fmt: skip
+
+
+def _latest(rows: pl.DataFrame, summariser: str | None, rule: str | None) -> pl.DataFrame:
+    """The last written row per (user, partition, rule, summariser); only this summariser's and
+    rule's when a summariser is named."""
+    if summariser is not None:
+        rows = rows.filter((pl.col("summariser") == summariser) & (pl.col("rule") == rule))
+    return rows.unique(subset=["user_id", "partition", "rule", "summariser"], keep="last", maintain_order=True)
 
 
 def _item_lookup(items: pl.DataFrame) -> dict[str, tuple[str, tuple[str, ...]]]:
