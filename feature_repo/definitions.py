@@ -1,8 +1,10 @@
-"""Feast definitions for serving user embeddings (definitions only: Feast imports every .py file here).
+"""Feast definitions for serving user features (definitions only: Feast imports every .py file here).
 
-Two slots, blue and green, each a FileSource + FeatureView + FeatureService with the same
-schema. A publish writes the new model version into the slot that is not served, checks it,
-then flips the serving pointer (data/feast/serving.json); readers read only the served slot.
+Two feature sets, each in two slots, blue and green: a FileSource + FeatureView + FeatureService
+per slot with the same schema. A publish writes the new version into the slot that is not
+served, checks it, then flips the set's serving pointer; readers read only the served slot.
+- user_embeddings: the served Barlow Twins model version (pointer data/feast/serving.json);
+- user_interest: the lifelong interest vector (LIBER), (pointer data/feast/interest.json).
 """
 
 from datetime import timedelta
@@ -47,3 +49,32 @@ def slot_view(slot: str) -> tuple[FeatureView, FeatureService]:
 
 user_embeddings_blue, user_embeddings_blue_service = slot_view("blue")
 user_embeddings_green, user_embeddings_green_service = slot_view("green")
+
+
+def interest_view(slot: str) -> tuple[FeatureView, FeatureService]:
+    source = FileSource(
+        name=f"user_interest_{slot}_source",
+        path=f"../data/feast/slots/interest-{slot}.parquet",
+        timestamp_field="event_timestamp",
+    )
+    view = FeatureView(
+        name=f"user_interest_{slot}",
+        entities=[user],
+        ttl=timedelta(0),
+        schema=[
+            Field(name="user_id", dtype=String),
+            Field(name="user_interest", dtype=Array(Float32)),
+            Field(name="interest_version", dtype=String),
+            Field(name="n_partitions", dtype=Int64),  # closed partitions fused
+            Field(name="interest_events", dtype=Int64),  # events the vector has seen (closed + open cache)
+        ],
+        source=source,
+        online=True,
+        description=f"Lifelong user_interest vectors of the interest version published into the {slot} slot.",
+    )
+    service = FeatureService(name=f"user_interest_{slot}_service", features=[view])
+    return view, service
+
+
+user_interest_blue, user_interest_blue_service = interest_view("blue")
+user_interest_green, user_interest_green_service = interest_view("green")

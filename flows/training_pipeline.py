@@ -3,8 +3,11 @@
 `training_pipeline`: raw data -> DVC version -> GX validation -> sequences -> Barlow Twins
 pretraining -> baselines -> downstream evaluation -> gate -> register -> promote (publish to
 the online store, then move the production alias).
+Then, with lifelong.serve, user_interest: an interest version trained on the production
+encoder (lifelong/interest.py) and served beside the embeddings.
 `refresh_pipeline`: the faster scheduled job: new raw data -> sequences -> the production
-encoder re-embeds the users -> incremental materialization into the online store.
+encoder re-embeds the users -> incremental materialization into the online store; the users
+with new events get new partitions, summaries and user_interest, materialised incrementally.
 
 Thin by design: every task calls the same stage function that `dvc.yaml` runs through the
 CLI (src/userlens/stages.py). Steps are cached on what dvc.yaml says they depend on (DVC
@@ -129,6 +132,27 @@ def refresh(project: Project, params, embeddings: Path, progress: bool) -> dict:
     return feature_store.refresh(project, params, embeddings=embeddings, progress=progress)
 
 
+@task(cache_policy=NO_CACHE)
+def train_interest(project: Project, params, progress: bool) -> dict:
+    from userlens.lifelong import interest
+
+    return interest.train_interest(project, params, progress=progress)
+
+
+@task(**RETRY, cache_policy=NO_CACHE)
+def publish_interest(project: Project, params, version: str, progress: bool) -> dict:
+    from userlens.lifelong import interest
+
+    return interest.publish_interest(project, params, version, progress=progress)
+
+
+@task(**RETRY, cache_policy=NO_CACHE)
+def refresh_interest(project: Project, params, progress: bool) -> dict:
+    from userlens.lifelong import interest
+
+    return interest.refresh_interest(project, params, progress=progress)
+
+
 def _setup(project_dir: str, overrides: dict | None, params_file: str | None):
     project = Project(Path(project_dir))
     return project, project.load_params(params_file, overrides)
@@ -154,6 +178,7 @@ def training_pipeline(
         results["register"] = register(project, params)
         if decision["passed"]:
             results["promote"] = promote(project, params, progress)
+        _train_and_publish_interest(project, params, results, progress, logger)
         _publish_run_report(project, params, results, logger)
     if not decision["passed"]:  # not a crash: the run did its job and kept production as it was
         logger.warning("%s", decision["summary"])
@@ -168,14 +193,30 @@ def refresh_pipeline(
     progress: bool = False,
     params_file: str | None = None,
 ) -> dict:
-    """New raw data -> sequences -> the production encoder re-embeds users -> incremental materialization."""
+    """New raw data -> sequences -> the production encoder re-embeds users -> incremental materialization;
+    then, when user_interest is served, the users with new events are re-fused and re-materialised."""
     logger = get_run_logger()
     project, params = _setup(project_dir, overrides, params_file)
     results: dict[str, Any] = {"dataset": params.data.dataset, "source": params.data.source}
     with project_lock(project, "refresh_pipeline"):
         _prepare_data(project, params, results, progress, logger)
         results["refresh"] = refresh(project, params, reexport(project, params), progress)
+        from userlens.lifelong.interest import served_interest
+
+        if params.lifelong.serve and served_interest(project, params) is not None:
+            results["interest"] = refresh_interest(project, params, progress)
     return results
+
+
+def _train_and_publish_interest(project: Project, params, results: dict, progress: bool, logger) -> None:
+    from userlens.lifelong.interest import skip_reason
+
+    reason = skip_reason(project, params)
+    if reason:
+        logger.info("user_interest not trained: %s", reason)
+        return
+    trained = results["interest"] = train_interest(project, params, progress)
+    trained["published"] = publish_interest(project, params, trained["version"], progress)
 
 
 def _prepare_data(project: Project, params, results: dict, progress: bool, logger) -> None:

@@ -275,8 +275,7 @@ def test_feast_plan_and_apply_from_the_folder(sqlite_project):
     assert done.stdout.count("Created feature view user_embeddings_blue") == 2  # planned, then applied
     store = feature_store.open_store(feature_store.Layout.of(repo), sqlite_project.load_params().serving)
     assert {fs.name for fs in store.list_feature_services()} == {
-        "user_embeddings_blue_service",
-        "user_embeddings_green_service",
+        f"{name}_{slot}_service" for name in ("user_embeddings", "user_interest") for slot in ("blue", "green")
     }
 
 

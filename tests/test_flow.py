@@ -86,12 +86,34 @@ def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(pr
     table = json.loads(latest_artifact("metrics"))
     assert any(r["task"] == "favourite_category" and r["method"] == "barlow_twins" for r in table)
 
+    # user_interest: trained on the production encoder and served beside the embeddings.
+    interest = results["interest"]
+    assert interest["encoder_version"] == version and interest["published"]["users"] == interest["users"] == 200
+    assert json.loads((project / "data/feast/interest.json").read_text())["model_version"] == interest["version"]
+
     # A second run with nothing changed skips every expensive step.
     again = flow(project_dir=str(project), progress=False, return_state=True)
     states = task_states(again)
     assert {step: states[step] for step in CACHED_STEPS} == {step: "Cached" for step in CACHED_STEPS}
     assert again.result()["pretrain"] == results["pretrain"] and again.result()["gate"]["passed"]
     assert "already in production" in again.result()["promote"]["message"]
+
+    # The scheduled refresh: a batch of new events for one user -> only that user's user_interest
+    # is re-fused and re-materialised; the embeddings are re-exported by the same encoder.
+    served_interest = again.result()["interest"]["version"]
+    user = ids[0]
+    items = pl.read_parquet(project / "data/canonical/items.parquet")["item_id"].head(3).to_list()
+    batch = pl.DataFrame({"user_id": [user] * 3, "item_id": items, "timestamp": [2_000_000_000 + k for k in range(3)]})
+    batch_file = project.parent / "batch.csv"
+    batch.write_csv(batch_file)
+    added = CliRunner().invoke(cli, ["--project", str(project), "partitions", "--events", str(batch_file)])
+    assert added.exit_code == 0, added.output
+    refresh = load_flow(Project(project), "refresh_pipeline")(project_dir=str(project), return_state=True)
+    assert refresh.is_completed(), refresh.message
+    refreshed = refresh.result()
+    assert refreshed["refresh"]["model_version"] == version and refreshed["refresh"]["changed"] == 0
+    assert refreshed["interest"]["version"] == served_interest
+    assert refreshed["interest"]["users_refused"] == 1 and refreshed["interest"]["materialized"] == 1
 
     # A degraded candidate (it sees only each user's last event) is blocked: a named, non-crash end
     # state; production and the online store stay as they were.
@@ -258,3 +280,9 @@ def test_dvc_repro_and_the_flow_reach_the_same_decision_and_embeddings(prefect_s
     # Same model version and metrics; the vectors agree up to float summation order (CPU thread pools).
     assert ids_a == ids_b and np.allclose(a, b, atol=2e-3)
     assert Registry(Project(repro)).production().version == decisions[1]["model_version"]
+    # Both serve a user_interest version trained on that production encoder.
+    assert "serving user_interest interest-" in out
+    for folder in (flowed, repro):
+        served = json.loads((folder / "data/feast/interest.json").read_text())
+        manifest = Project(folder).lifelong_dir("synthetic") / "interest" / served["model_version"] / "manifest.json"
+        assert json.loads(manifest.read_text())["encoder_version"] == decisions[1]["model_version"]

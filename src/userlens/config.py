@@ -285,6 +285,7 @@ class CTRParams(_Section):
 
 
 class LifelongParams(_Section):
+    serve: bool = True  # the pipelines train and serve user_interest (when something is in production)
     partition: PartitionParams = PartitionParams()
     summary: SummaryParams = SummaryParams()
     llm: LanguageModelParams = LanguageModelParams()

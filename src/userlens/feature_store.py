@@ -1,12 +1,13 @@
-"""Publishing user embeddings to Feast: blue/green slots, a serving pointer, incremental refresh.
+"""Publishing served feature sets to Feast: blue/green slots, a serving pointer, incremental refresh.
 
-The Feast repository (`feature_repo/`) defines two identical feature views, `user_embeddings_blue`
-and `user_embeddings_green`. A publish writes a model version into the slot that is *not*
-served, reads a sample back to check it, and only then flips the serving pointer
-(`data/feast/serving.json`, replaced atomically). Readers (serving.py) read the pointer, then only the
-served slot, and count a row whose `model_version` is not the pointer's as not found, so
-one batch never mixes two versions and a publish that fails half-way leaves the served
-version whole. Everything Feast and userlens keep lives beside the Feast registry
+A feature set (`FeatureSet`: the user embeddings, or lifelong `user_interest`) has two identical
+Feast feature views, `<name>_blue` and `<name>_green` (feature_repo/definitions.py). A publish
+writes a version into the slot that is *not* served, reads a sample back to check it, and only
+then flips the set's serving pointer (`data/feast/serving.json` for the embeddings,
+`data/feast/interest.json` for user_interest; replaced atomically). Readers (serving.py) read
+the pointer, then only the served slot, and count a row whose version is not the pointer's
+as not found, so one batch never mixes two versions and a publish that fails half-way leaves
+the served version whole. Everything Feast and userlens keep lives beside the Feast registry
 (`data/feast/` of the project).
 """
 
@@ -18,7 +19,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,23 +42,47 @@ log = logging.getLogger(__name__)
 
 SLOTS = ("blue", "green")
 REDIS_URL_ENV = "USERLENS_REDIS_URL"  # set: serve from Redis at this URL, whatever params.yaml says
-FEATURES = ("embedding", "model_version", "n_events", "last_event_at")
 VERIFY_SAMPLE = 1000  # users read back from a freshly written slot before the pointer flips
 HISTORY = 20  # earlier publishes kept in the pointer
-SLOT_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("embedding", pa.list_(pa.float32())),
-        ("model_version", pa.string()),
-        ("n_events", pa.int64()),
-        ("last_event_at", pa.int64()),  # epoch seconds, UTC
-        ("event_timestamp", pa.timestamp("us", tz="UTC")),  # when the row entered the slot
-    ]
-)
 
 
-def view_name(slot: str) -> str:
-    return f"user_embeddings_{slot}"
+@dataclass(frozen=True)
+class FeatureSet:
+    """One served set of user features: a float32 vector, the version that wrote it, int64 scalars.
+
+    Its Feast views are `<name>_blue` / `<name>_green`; its pointer and slot files live beside the
+    registry. The feature names differ between sets, so one Feast request can read several."""
+
+    name: str
+    vector: str
+    version: str
+    scalars: tuple[str, ...]
+    pointer_file: str
+    slot_stem: str  # slot files: slots/<slot_stem><slot>.parquet (and .json)
+    publish_command: str  # what publishes it, for messages
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return (self.vector, self.version, *self.scalars)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(
+            [("user_id", pa.string()), (self.vector, pa.list_(pa.float32())), (self.version, pa.string())]
+            + [(name, pa.int64()) for name in self.scalars]
+            + [("event_timestamp", pa.timestamp("us", tz="UTC"))]  # when the row entered the slot
+        )
+
+    def view(self, slot: str) -> str:
+        return f"{self.name}_{slot}"
+
+
+# n_events: history + future events in data/sequences; last_event_at: epoch seconds, UTC.
+EMBEDDINGS = FeatureSet("user_embeddings", "embedding", "model_version", ("n_events", "last_event_at"),
+                        "serving.json", "", "userlens materialize")  # fmt: skip
+# n_partitions: closed partitions fused; interest_events: events the vector has seen (closed + open cache).
+INTEREST = FeatureSet("user_interest", "user_interest", "interest_version", ("n_partitions", "interest_events"),
+                      "interest.json", "interest-", "userlens materialize --interest")  # fmt: skip
 
 
 # --- where things live and how Feast is configured ----------------------------------------------
@@ -65,13 +90,15 @@ def view_name(slot: str) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """The Feast repository and the state beside its registry (data/feast/ of the project)."""
+    """The Feast repository, the state beside its registry (data/feast/ of the project), and
+    the feature set whose slots and pointer this layout names."""
 
     repo: Path
     state: Path
+    features: FeatureSet = EMBEDDINGS
 
     @classmethod
-    def of(cls, repo: str | Path) -> Layout:
+    def of(cls, repo: str | Path, features: FeatureSet = EMBEDDINGS) -> Layout:
         repo = Path(repo).resolve()
         path = repo / "feature_store.yaml"
         if not path.exists():
@@ -80,18 +107,21 @@ class Layout:
         registry = registry.get("path") if isinstance(registry, dict) else registry
         if not registry:
             raise ConfigError(f"{path}: no registry path")
-        return cls(repo, (repo / registry).resolve().parent)
+        return cls(repo, (repo / registry).resolve().parent, features)
 
     @property
     def pointer(self) -> Path:
-        return self.state / "serving.json"
+        return self.state / self.features.pointer_file
+
+    def view(self, slot: str) -> str:
+        return self.features.view(slot)
 
     def slot_parquet(self, slot: str) -> Path:
-        return self.state / "slots" / f"{slot}.parquet"
+        return self.state / "slots" / f"{self.features.slot_stem}{slot}.parquet"
 
     def slot_record(self, slot: str) -> Path:
         """What a slot fully holds; absent while it is being written."""
-        return self.state / "slots" / f"{slot}.json"
+        return self.state / "slots" / f"{self.features.slot_stem}{slot}.json"
 
     def mean_file(self, version: str) -> Path:
         return self.state / "means" / f"{version}.npy"
@@ -190,49 +220,70 @@ def publish(
     progress: bool = False,
     chunk_users: int = 10_000,
 ) -> dict:
-    """Serve `model_version` (its export Parquet `embeddings`) with a consistent cut-over.
+    """Serve `model_version` (its export Parquet `embeddings`) with a consistent cut-over (publish_set)."""
+    layout = Layout.of(project.root / params.serving.repo)
+    return publish_set(
+        layout,
+        params.serving,
+        lambda at: slot_table(Path(embeddings), model_version, project.sequences_dir, at),
+        source=str(Path(embeddings).resolve()),
+        progress=progress,
+        chunk_users=chunk_users,
+    )
+
+
+def publish_set(
+    layout: Layout,
+    serving: ServingParams,
+    make_table: Callable[[datetime], pa.Table],
+    source: str,
+    progress: bool = False,
+    chunk_users: int = 10_000,
+) -> dict:
+    """Serve the version `make_table(published_at)` holds (rows of the layout's feature set).
 
     Writes it into the standby slot, reads a sample back, then flips the pointer. If the standby
     slot already fully holds this version (a rollback to the previous version), it only checks
     and flips. Any failure before the flip leaves the served version as it was.
     """
-    layout = Layout.of(project.root / params.serving.repo)
+    features = layout.features
     layout.state.mkdir(parents=True, exist_ok=True)  # Feast creates the registry file, not its folder
-    store = open_store(layout, params.serving)  # the first one imports Feast (seconds): not timed
+    store = open_store(layout, serving)  # the first one imports Feast (seconds): not timed
     started = time.perf_counter()
     published_at = datetime.now(UTC).replace(microsecond=0)
-    table = slot_table(Path(embeddings), model_version, project.sequences_dir, published_at)
+    table = make_table(published_at)
+    version = table[features.version][0].as_py()
     with _lock(layout):
         pointer = read_pointer(layout)
         slot = SLOTS[0] if pointer is None else SLOTS[1 - SLOTS.index(pointer["slot"])]
         apply_definitions(store, layout)
         identity = _store_identity(store.config)
         record = read_json(layout.slot_record(slot)) if layout.slot_record(slot).exists() else {}
-        reused = record == {"model_version": model_version, "users": table.num_rows, "store": identity}
+        reused = record == {"model_version": version, "users": table.num_rows, "store": identity}
         if not reused:
             _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
-        verify_slot(store, slot, table)
-        write_json_atomic(layout.slot_record(slot), {"model_version": model_version, "users": table.num_rows,
+        verify_slot(store, layout, slot, table)
+        write_json_atomic(layout.slot_record(slot), {"model_version": version, "users": table.num_rows,
                                                      "store": identity})  # fmt: skip
-        vectors = list_vectors(table["embedding"])
-        layout.mean_file(model_version).parent.mkdir(parents=True, exist_ok=True)
-        save_array_atomic(layout.mean_file(model_version), vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
+        vectors = list_vectors(table[features.vector])
+        layout.mean_file(version).parent.mkdir(parents=True, exist_ok=True)
+        save_array_atomic(layout.mean_file(version), vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
         history = ([_summary(pointer)] + pointer.get("history", []))[:HISTORY] if pointer else []
         new_pointer = {
             "slot": slot,
-            "model_version": model_version,
+            "model_version": version,  # for user_interest: the interest version
             "users": table.num_rows,
             "dim": int(vectors.shape[1]),
             "online_store": store.config.online_store.type,
             "published_at": published_at.isoformat(),
-            "source": str(Path(embeddings).resolve()),
+            "source": source,
             "history": history,
         }
         write_json_atomic(layout.pointer, new_pointer)  # the cut-over: one atomic rename
     seconds = time.perf_counter() - started
-    log.info("serving %s from slot %s (%d users, %.1f s)", model_version, slot, table.num_rows, seconds)
+    log.info("serving %s %s from slot %s (%d users, %.1f s)", features.name, version, slot, table.num_rows, seconds)
     return {
-        "model_version": model_version,
+        "model_version": version,
         "slot": slot,
         "users": table.num_rows,
         "rewritten": not reused,
@@ -265,43 +316,43 @@ def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime,
     path = layout.slot_parquet(slot)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_parquet_atomic(path, table)
-    view = store.get_feature_view(view_name(slot))
+    view = store.get_feature_view(layout.view(slot))
     provider = store._get_provider()
     total = table.num_rows
     with tqdm(total=total, desc=f"materialize {view.name}", unit="user", disable=not progress) as bar:
         for start in range(0, total, chunk):
             part = table.slice(start, chunk)
-            provider.online_write_batch(store.config, view, online_rows(view, part), None)
+            provider.online_write_batch(store.config, view, online_rows(view, part, layout.features), None)
             bar.update(part.num_rows)
             _chunk_written(slot, start + part.num_rows, total)
     store.registry.apply_materialization(view, store.project, at - timedelta(seconds=1), at + timedelta(seconds=1))
 
 
-def online_rows(view, table: pa.Table) -> list[tuple]:
+def online_rows(view, table: pa.Table, features: FeatureSet = EMBEDDINGS) -> list[tuple]:
     """Slot rows as the online store's input: what write_to_online_store's conversion makes of them.
 
     One (EntityKeyProto, {feature: ValueProto}, event time, None) per user, features in the
-    view's order: user_id a string entity value, embedding a float_list_val holding the float32
-    bits as they are, model_version a string_val, the Int64 scalars int64_val, a null an empty
+    view's order: user_id a string entity value, the vector a float_list_val holding the float32
+    bits as they are, the version a string_val, the Int64 scalars int64_val, a null an empty
     ValueProto. Equal values share one (read-only) ValueProto. tests/test_feature_store.py
     checks the rows against Feast's own conversion.
     """
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
     names = [f.name for f in view.features]
-    if sorted(names) != sorted(FEATURES) or [c.name for c in view.entity_columns] != ["user_id"]:
-        raise ServingError(f"feature view {view.name}: features {names}, expected {list(FEATURES)} keyed by user_id")
-    vectors = np.ascontiguousarray(list_vectors(table["embedding"]), dtype="<f4")
+    expected = list(features.features)
+    if sorted(names) != sorted(expected) or [c.name for c in view.entity_columns] != ["user_id"]:
+        raise ServingError(f"feature view {view.name}: features {names}, expected {expected} keyed by user_id")
+    vectors = np.ascontiguousarray(list_vectors(table[features.vector]), dtype="<f4")
     head = _float_list_head(vectors.shape[1])
     encoded = np.empty((table.num_rows, len(head) + vectors.itemsize * vectors.shape[1]), np.uint8)
     encoded[:, : len(head)] = np.frombuffer(head, np.uint8)
     encoded[:, len(head) :] = vectors.view(np.uint8)
     data, width, parse = encoded.tobytes(), encoded.shape[1], ValueProto.FromString
     columns = {
-        "embedding": [parse(data[i : i + width]) for i in range(0, len(data), width)],
-        "model_version": _per_row(table["model_version"], _value_maker("string_val")),
-        "n_events": _per_row(table["n_events"], _value_maker("int64_val")),
-        "last_event_at": _per_row(table["last_event_at"], _value_maker("int64_val")),
+        features.vector: [parse(data[i : i + width]) for i in range(0, len(data), width)],
+        features.version: _per_row(table[features.version], _value_maker("string_val")),
+        **{name: _per_row(table[name], _value_maker("int64_val")) for name in features.scalars},
     }
     keys = entity_keys(table["user_id"].to_pylist())
     features = [dict(zip(names, values, strict=True)) for values in zip(*(columns[n] for n in names), strict=True)]
@@ -356,23 +407,24 @@ def decode_embeddings(values: list, dim: int) -> np.ndarray:
     return raw.reshape(-1, width)[:, len(head) :].copy().view("<f4").astype(np.float32, copy=False)
 
 
-def verify_slot(store, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) -> None:
+def verify_slot(store, layout: Layout, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) -> None:
     """Read up to `sample` users (always the first and the last) back: same version, same bits.
 
     Through get_online_features, Feast's standard read, so what online_rows wrote is checked by Feast's own reader.
     """
     n = table.num_rows
     rows = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
+    vector, version_column = layout.features.vector, layout.features.version
     ids = table["user_id"].take(rows).to_pylist()
-    expected = list_vectors(table["embedding"].take(rows))
-    version = table["model_version"][0].as_py()
-    got = _read_online(store, view_name(slot), ids, ("embedding", "model_version"))
+    expected = list_vectors(table[vector].take(rows))
+    version = table[version_column][0].as_py()
+    got = _read_online(store, layout.view(slot), ids, (vector, version_column))
     bad = [
         uid
         for i, uid in enumerate(ids)
-        if got["model_version"][i] != version
-        or got["embedding"][i] is None
-        or not np.array_equal(np.asarray(got["embedding"][i], np.float32), expected[i])
+        if got[version_column][i] != version
+        or got[vector][i] is None
+        or not np.array_equal(np.asarray(got[vector][i], np.float32), expected[i])
     ]
     if bad:
         raise ServingError(
@@ -417,7 +469,7 @@ def slot_table(embeddings: Path, model_version: str, sequences_dir: Path, at: da
     else:
         frame = frame.with_columns(n_events=pl.lit(None, pl.Int64), last_event_at=pl.lit(None, pl.Int64))
     frame = frame.with_columns(event_timestamp=pl.lit(at).cast(pl.Datetime("us", "UTC")))
-    return frame.select(SLOT_SCHEMA.names).to_arrow().cast(SLOT_SCHEMA)
+    return frame.select(EMBEDDINGS.schema.names).to_arrow().cast(EMBEDDINGS.schema)
 
 
 def user_scalars(sequences_dir: Path) -> pl.DataFrame | None:
@@ -461,38 +513,54 @@ def serving_state(project: Project, params: Params) -> dict | None:
 
 
 def refresh(project: Project, params: Params, embeddings: Path | None = None, progress: bool = False) -> dict:
-    """Bring the served slot up to date with a re-export of the *served* version (users with new events).
+    """Bring the served embeddings up to date with a re-export of the *served* version (refresh_set).
+
+    `embeddings` defaults to the export in data/embeddings/ that holds the served version."""
+    layout = Layout.of(project.root / params.serving.repo)
+
+    def make_table(version: str, at: datetime) -> pa.Table:
+        path = Path(embeddings) if embeddings else _export_of(project, version)
+        return slot_table(path, version, project.sequences_dir, at)
+
+    return refresh_set(layout, params.serving, make_table, progress)
+
+
+def refresh_set(
+    layout: Layout, serving: ServingParams, make_table: Callable[[str, datetime], pa.Table], progress: bool = False
+) -> dict:
+    """Bring the served slot up to date with `make_table(served version, now)`: users with new rows.
 
     Rows whose vector or scalars changed (and new users) get a new timestamp in the slot Parquet;
-    Feast's materialize_incremental then writes only those to the online store. `embeddings`
-    defaults to the export in data/embeddings/ that holds the served version.
+    Feast's materialize_incremental then writes only those to the online store, so every other
+    user's served row stays as it was, bit for bit.
     """
-    layout = Layout.of(project.root / params.serving.repo)
+    features = layout.features
     started = time.perf_counter()
     with _lock(layout):
         pointer = read_pointer(layout)
         if pointer is None:
-            raise ServingError("nothing is served yet: run `userlens materialize` first")
+            raise ServingError(
+                f"nothing is served yet ({layout.pointer} missing): run `{features.publish_command}` first"
+            )
         version, slot = pointer["model_version"], pointer["slot"]
-        embeddings = Path(embeddings) if embeddings else _export_of(project, version)
-        store = open_store(layout, params.serving)
+        store = open_store(layout, serving)
         # Changed rows must fall inside the window materialize_incremental reads: [last end, now].
-        since = store.get_feature_view(view_name(slot)).most_recent_end_time
+        since = store.get_feature_view(layout.view(slot)).most_recent_end_time
         now = datetime.now(UTC)
         if since is not None:
             now = max(now, since if since.tzinfo else since.replace(tzinfo=UTC))
-        new = pl.from_arrow(slot_table(embeddings, version, project.sequences_dir, now))
+        new = pl.from_arrow(make_table(version, now))
         old = pl.read_parquet(layout.slot_parquet(slot))
-        columns = ["embedding", "n_events", "last_event_at"]
+        columns = [features.vector, *features.scalars]
         joined = new.join(old.select("user_id", *columns), on="user_id", how="left", suffix="_old")
         differs = pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_old")) for c in columns])
         changed = joined.filter(differs).select(new.columns)
         merged = pl.concat([old.join(changed, on="user_id", how="anti"), changed])
         if changed.height:
-            _write_parquet_atomic(layout.slot_parquet(slot), merged.to_arrow().cast(SLOT_SCHEMA))
+            _write_parquet_atomic(layout.slot_parquet(slot), merged.to_arrow().cast(features.schema))
             output = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
             with output:  # materialize_incremental prints its progress
-                store.materialize_incremental(end_date=now + timedelta(seconds=1), feature_views=[view_name(slot)])
+                store.materialize_incremental(end_date=now + timedelta(seconds=1), feature_views=[layout.view(slot)])
             pointer.update(users=merged.height, refreshed_at=utc_now())
             record = read_json(layout.slot_record(slot))
             write_json_atomic(layout.slot_record(slot), {**record, "users": merged.height})

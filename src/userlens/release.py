@@ -156,20 +156,13 @@ def rollback(project: Project, params: Params, progress: bool = False) -> dict:
     }
 
 
-def reexport(project: Project, params: Params) -> Path:
-    """The production encoder embeds the users of the current data/sequences (new users and new
-    events included) -> data/embeddings/production.parquet, under the production version's name."""
-    import torch
-
+def encoder_of(project: Project, version):
+    """A registered version's encoder, ready to embed the current data/sequences: (encoder,
+    the item vocabulary it was trained on, its max_length)."""
     from userlens.config import load_params
     from userlens.data import SequenceData
-    from userlens.embeddings import embed_sequences
     from userlens.model import UserEncoder
-    from userlens.registry import Registry
 
-    version = Registry(project).production()
-    if version is None:
-        raise UserlensError("nothing in production to re-export: run `userlens run` (or `userlens promote`) first")
     trained = load_params(version.params_file)
     items = pl.read_parquet(version.path / "items.parquet", columns=["item_index", "item_id"]).sort("item_index")
     vocabulary = items["item_id"].to_numpy()
@@ -178,7 +171,22 @@ def reexport(project: Project, params: Params) -> Path:
     try:
         encoder.load_state_dict(version.load_weights())
     except RuntimeError as exc:
-        raise UserlensError(f"the production model {version.version} does not fit the current data: {exc}") from None
+        raise UserlensError(f"the model {version.version} does not fit the current data: {exc}") from None
+    return encoder.eval(), vocabulary, max_length
+
+
+def reexport(project: Project, params: Params) -> Path:
+    """The production encoder embeds the users of the current data/sequences (new users and new
+    events included) -> data/embeddings/production.parquet, under the production version's name."""
+    import torch
+
+    from userlens.embeddings import embed_sequences
+    from userlens.registry import Registry
+
+    version = Registry(project).production()
+    if version is None:
+        raise UserlensError("nothing in production to re-export: run `userlens run` (or `userlens promote`) first")
+    encoder, vocabulary, max_length = encoder_of(project, version)
     with torch.no_grad():
         batches = embed_sequences(encoder, project.sequences_dir, max_length, vocabulary)
         rows = write_embeddings(project, "production", batches, version.version)

@@ -18,14 +18,15 @@ import yaml
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, ServingError
 from userlens.feature_store import (
+    EMBEDDINGS,
     REDIS_URL_ENV,
+    FeatureSet,
     Layout,
     decode_embeddings,
     entity_keys,
     online_store_settings,
     open_store,
     repo_config,
-    view_name,
 )
 from userlens.io import list_vectors, read_json
 from userlens.project import Project
@@ -41,12 +42,19 @@ class UserEmbeddings:
 
     Unknown users come back with found=False and the fallback vector: `mean` (the served
     version's population mean), `zeros`, or `none` (NaN). A publish is seen without a restart.
+    `features=INTEREST` reads the lifelong `user_interest` vectors the same way.
     """
 
-    def __init__(self, repo_path: str | Path, fallback: str = "mean", serving: ServingParams | None = None):
+    def __init__(
+        self,
+        repo_path: str | Path,
+        fallback: str = "mean",
+        serving: ServingParams | None = None,
+        features: FeatureSet = EMBEDDINGS,
+    ):
         if fallback not in ("mean", "zeros", "none"):
             raise ConfigError(f"fallback {fallback!r}: expected mean, zeros or none")
-        self.layout = Layout.of(repo_path)
+        self.layout = Layout.of(repo_path, features)
         self.fallback = fallback
         self.serving = serving or ServingParams()
         self._store = None
@@ -67,7 +75,8 @@ class UserEmbeddings:
             stat = self.layout.pointer.stat()
         except FileNotFoundError:
             raise ServingError(
-                f"nothing is served yet ({self.layout.pointer} missing): run `userlens materialize` first"
+                f"nothing is served yet ({self.layout.pointer} missing): "
+                f"run `{self.layout.features.publish_command}` first"
             ) from None
         key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if key != self._pointer_key:
@@ -103,20 +112,20 @@ class UserEmbeddings:
             return np.empty((0, pointer["dim"]), np.float32), np.zeros(0, bool)
         view = self._view(pointer["slot"])
         keys = entity_keys(ids)
-        rows = self.store._get_provider().online_read(self.store.config, view, keys, ["embedding", "model_version"])
+        vector, tag = self.layout.features.vector, self.layout.features.version
+        rows = self.store._get_provider().online_read(self.store.config, view, keys, [vector, tag])
         version, dim = pointer["model_version"], pointer["dim"]
-        found = np.array([bool(f) and "model_version" in f and f["model_version"].string_val == version
-                          for _, f in rows], dtype=bool)  # fmt: skip
+        found = np.array([bool(f) and tag in f and f[tag].string_val == version for _, f in rows], dtype=bool)
         vectors = np.empty((len(ids), dim), np.float32)
         hits = np.flatnonzero(found)
         if hits.size:
-            vectors[hits] = decode_embeddings([rows[i][1]["embedding"] for i in hits], dim)
+            vectors[hits] = decode_embeddings([rows[i][1][vector] for i in hits], dim)
         return vectors, found
 
     def _view(self, slot: str):
         """The slot's FeatureView from the registry, once per reader (the definitions do not change)."""
         if slot not in self._views:
-            self._views[slot] = self.store.get_feature_view(view_name(slot))
+            self._views[slot] = self.store.get_feature_view(self.layout.view(slot))
         return self._views[slot]
 
     def _fallback(self, pointer: dict) -> np.ndarray:
@@ -130,8 +139,12 @@ class UserEmbeddings:
         return self._means[version]
 
 
-def reader(project: Project, params: Params, fallback: str | None = None) -> UserEmbeddings:
-    return UserEmbeddings(project.root / params.serving.repo, fallback or params.serving.fallback, params.serving)
+def reader(
+    project: Project, params: Params, fallback: str | None = None, features: FeatureSet = EMBEDDINGS
+) -> UserEmbeddings:
+    return UserEmbeddings(
+        project.root / params.serving.repo, fallback or params.serving.fallback, params.serving, features
+    )
 
 
 # --- similar users: exact cosine over the served version ------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from userlens.cli import Context, cli
+from userlens.errors import UserlensError
 
 
 @cli.command()
@@ -104,25 +105,52 @@ def profile(obj: Context, user_id, use_llm, as_json):
 
 
 @cli.command()
+@click.option(
+    "--evaluate/--no-evaluate",
+    default=True,
+    show_default=True,
+    help="Report what user_interest adds (every CTR variant on the same user splits).",
+)
+@click.option("--publish", is_flag=True, help="Serve the new interest version from Feast (cut-over).")
+@click.option("--stage", is_flag=True, help="As the pipelines run it (dvc.yaml): no version, and exit 0, when "
+              "lifelong.serve is off, nothing is in production or the data has no ratings.")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
 @click.pass_obj
-def fuse(obj: Context, no_progress):
-    """Train the interest fusion on the CTR objective and report what user_interest adds.
+def fuse(obj: Context, evaluate, publish, stage, no_progress):
+    """Train the interest fusion on the CTR objective: a report, and a version to serve.
 
     \b
-    From each user's history partitions (the future window left out) and their summaries,
-    the fusion and a CTR model learn whether the user likes the items of their future
-    window; every variant (base features, + Barlow Twins, + user_interest, + both) trains on
-    the same user splits (lifelong.ctr.seeds). Writes reports/lifelong.json and .md.
-    Brings the event log and partitions up to date first; needs a trained encoder (`userlens pretrain`).
+    Evaluation: from each user's history partitions (the future window left out) and their
+    summaries, the fusion and a CTR model learn whether the user likes the items of their
+    future window; every variant (base features, + Barlow Twins, + user_interest, + both)
+    trains on the same user splits (lifelong.ctr.seeds) -> reports/lifelong.json and .md.
+    Version: the fusion trained on every user, on the production encoder's event vectors,
+    then `user_interest` for every user over all their partitions ->
+    data/lifelong/<dataset>/interest/<version>/ (served by --publish or `materialize --interest`).
+    Brings the event log, partitions and summaries up to date first.
 
     \b
     Examples:
       userlens fuse
+      userlens fuse --no-evaluate --publish
       userlens --set lifelong.summary.summariser=llm --set lifelong.fusion.text_encoder=lm fuse
     """
-    from userlens.lifelong import pipeline
+    from userlens.lifelong import interest, pipeline
 
-    result = pipeline.fuse(obj.project, obj.params(), progress=not no_progress)
-    click.echo((obj.project.reports_dir / "lifelong.md").read_text().rstrip())
-    click.echo(f"\n({result['seconds']:.0f}s; reports/lifelong.json)")
+    params, progress = obj.params(), not no_progress
+    if evaluate:
+        result = pipeline.fuse(obj.project, params, progress=progress)
+        click.echo((obj.project.reports_dir / "lifelong.md").read_text().rstrip())
+        click.echo(f"\n({result['seconds']:.0f}s; reports/lifelong.json)")
+    reason = interest.skip_reason(obj.project, params.with_overrides({"lifelong.serve": True}) if not stage else params)
+    if reason:
+        if not stage:
+            raise UserlensError(f"no interest version trained: {reason}")
+        click.echo(f"no interest version trained: {reason}")
+        return
+    trained = interest.train_interest(obj.project, params, progress=progress)
+    click.echo(f"interest version {trained['version']}: {trained['users']:,} users, on encoder "
+               f"{trained['encoder_version']} ({trained['seconds']:.0f}s)")  # fmt: skip
+    if publish:
+        done = interest.publish_interest(obj.project, params, trained["version"], progress=progress)
+        click.echo(f"serving user_interest {done['model_version']} from slot {done['slot']} ({done['users']:,} users)")

@@ -23,9 +23,14 @@ from userlens.errors import UserlensError
     help="Export Parquet to publish [default: the registry's production version].",
 )
 @click.option("--incremental", is_flag=True, help="Refresh the served version from a re-export instead.")
+@click.option(
+    "--interest",
+    is_flag=True,
+    help="Lifelong user_interest instead: the latest interest version (--version: another one).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
 @click.pass_obj
-def materialize(obj: Context, model_version, embeddings, incremental, no_progress):
+def materialize(obj: Context, model_version, embeddings, incremental, interest, no_progress):
     """Publish user embeddings to the Feast online store, with a consistent cut-over.
 
     The version is written into the slot that is not served, checked, then the serving pointer
@@ -35,18 +40,28 @@ def materialize(obj: Context, model_version, embeddings, incremental, no_progres
     registry's production alias does not move). --incremental writes only the users whose rows
     changed in a re-export of the served version (Feast materialize_incremental).
 
+    --interest serves lifelong user_interest vectors (`userlens fuse` trains a version) the
+    same way, in their own slots (data/feast/interest.json); with --incremental it brings the
+    served interest version up to date with new events: only the users who have them are
+    re-summarised, re-fused and re-materialised.
+
     \b
     Examples:
       userlens materialize
       userlens materialize --embeddings data/embeddings/dual_encoder.parquet
       userlens --set serving.online_store=redis materialize
       userlens materialize --incremental
+      userlens materialize --interest
+      userlens materialize --interest --incremental
     """
     from userlens import feature_store
     from userlens.locking import project_lock
     from userlens.registry import Registry
 
     params = obj.params()
+    if interest:
+        _materialize_interest(obj, params, model_version, embeddings, incremental, not no_progress)
+        return
     with project_lock(obj.project, "userlens materialize"):
         if incremental:
             done = feature_store.refresh(obj.project, params, embeddings, progress=not no_progress)
@@ -66,12 +81,32 @@ def materialize(obj: Context, model_version, embeddings, incremental, no_progres
     )
 
 
+def _materialize_interest(obj: Context, params, version, embeddings, incremental, progress) -> None:
+    from userlens.lifelong import interest
+    from userlens.locking import project_lock
+
+    if embeddings is not None:
+        raise click.UsageError("--interest publishes an interest version (--version), not an --embeddings file")
+    with project_lock(obj.project, "userlens materialize --interest"):
+        if incremental:
+            done = interest.refresh_interest(obj.project, params, progress)
+            click.echo(
+                f"refreshed user_interest {done['version']}: {done['new_events']:,} new events, "
+                f"{done['users_refused']:,} users re-fused, {done['materialized']:,} rows materialized"
+            )
+            return
+        done = interest.publish_interest(obj.project, params, version, progress)
+    click.echo(f"serving user_interest {done['model_version']} from slot {done['slot']} ({done['users']:,} users, "
+               f"{done['online_store']})")  # fmt: skip
+
+
 @cli.command()
 @click.argument("user_ids", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print version, found flags and full vectors as JSON.")
 @click.option("--fallback", type=click.Choice(["mean", "zeros", "none"]), help="Override serving.fallback.")
+@click.option("--interest", is_flag=True, help="Read the served lifelong user_interest vectors instead.")
 @click.pass_obj
-def lookup(obj: Context, user_ids, as_json, fallback):
+def lookup(obj: Context, user_ids, as_json, fallback, interest):
     """Look users up in the online store (the served model version only).
 
     Unknown users are flagged (found: false) and get the fallback vector.
@@ -80,19 +115,25 @@ def lookup(obj: Context, user_ids, as_json, fallback):
     Examples:
       userlens lookup 42 17
       userlens lookup 42 --json
+      userlens lookup 42 --interest
     """
     from userlens import serving
+    from userlens.feature_store import EMBEDDINGS, INTEREST
 
-    store = serving.reader(obj.project, obj.params(), fallback)
+    store = serving.reader(obj.project, obj.params(), fallback, INTEREST if interest else EMBEDDINGS)
     vectors, found, version = store.get(user_ids)
     if as_json:
         users = [
-            {"user_id": uid, "found": bool(ok), "embedding": None if np.isnan(vec).any() else vec.tolist()}
+            {
+                "user_id": uid,
+                "found": bool(ok),
+                store.layout.features.vector: None if np.isnan(vec).any() else vec.tolist(),
+            }  # fmt: skip
             for uid, ok, vec in zip(user_ids, found, vectors, strict=True)
         ]
         click.echo(json.dumps({"model_version": version, "slot": store.pointer()["slot"], "users": users}))
         return
-    click.echo(f"model version {version} (d={vectors.shape[1]})")
+    click.echo(f"{'interest' if interest else 'model'} version {version} (d={vectors.shape[1]})")
     for uid, ok, vec in zip(user_ids, found, vectors, strict=True):
         preview = ", ".join(f"{x:.4f}" for x in vec[:4])
         click.echo(f"{uid}\t{'found' if ok else 'unknown (' + store.fallback + ')'}\t[{preview}, ...]")

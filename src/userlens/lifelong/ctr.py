@@ -99,6 +99,28 @@ def fit_and_score(
     """Train one variant on the train users' examples; its test AUC and log loss, and the model."""
     from sklearn.metrics import log_loss, roc_auc_score
 
+    model = fit(variant, data, features, item_categories, train_users, params, fusion_dim, max_partitions, seed)
+    test = np.flatnonzero(np.isin(data.user, test_users))
+    scores = _predict(model, data, test, features)
+    labels = data.label[test]
+    auc = float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+    return {"auc": auc, "log_loss": float(log_loss(labels, scores, labels=[0, 1]))}, model
+
+
+def fit(
+    variant: str,
+    data: Examples,
+    features: UserFeatures,
+    item_categories: torch.Tensor,
+    train_users: np.ndarray,
+    params: CTRParams,
+    fusion_dim: int,
+    max_partitions: int,
+    seed: int,
+) -> CTRModel:
+    """One variant trained on `train_users`' examples, a tenth of them choosing the epoch."""
+    from sklearn.metrics import log_loss
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(train_users)
@@ -111,12 +133,12 @@ def fit_and_score(
     model = CTRModel(len(item_categories), item_categories, features.base.shape[1],
                      features.bt.shape[1] if "bt" in variant else None, fusion, fusion_dim)  # fmt: skip
     optimiser = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    fit = np.flatnonzero(np.isin(data.user, fit_users))
+    fit_rows = np.flatnonzero(np.isin(data.user, fit_users))
     check = np.flatnonzero(np.isin(data.user, check_users))
     best, best_loss, waited = copy.deepcopy(model.state_dict()), float("inf"), 0
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.BCEWithLogitsLoss()
-    by_user = _rows_by_user(data.user, fit)
+    by_user = _rows_by_user(data.user, fit_rows)
     for _ in range(params.epochs):
         model.train()
         for batch in _user_batches(by_user, params.users_per_batch, generator):
@@ -133,11 +155,7 @@ def fit_and_score(
             if waited >= params.patience:
                 break
     model.load_state_dict(best)
-    test = np.flatnonzero(np.isin(data.user, test_users))
-    scores = _predict(model, data, test, features)
-    labels = data.label[test]
-    auc = float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
-    return {"auc": auc, "log_loss": float(log_loss(labels, scores, labels=[0, 1]))}, model
+    return model
 
 
 def _rows_by_user(users: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from userlens.config import Params
 from userlens.errors import UserlensError
 from userlens.io import read_json
 from userlens.lifelong import ctr
-from userlens.lifelong.fusion import event_set_vectors, partition_inputs, text_vectors
+from userlens.lifelong.fusion import build_inputs
 from userlens.lifelong.partitions import partition_events, rule_hash, rule_of
 from userlens.lifelong.summaries import Summaries, make_summariser
 from userlens.project import Project
@@ -63,7 +63,8 @@ def evaluate_interest(project: Project, params: Params, progress: bool = True) -
         raise UserlensError(
             "the lifelong CTR evaluation needs ratings (a liked item is rated high): this data has none"
         )
-    inputs, user_ids, sequences, summariser = _inputs(project, params, tables, progress)
+    encoder = _candidate_encoder(project, params)
+    inputs, user_ids, sequences, summariser = history_inputs(project, params, tables, encoder, progress)
     base = ctr.standardised(handcrafted_profile(project.sequences_dir))
     bt = ctr.standardised(_aligned_embeddings(project.embeddings_dir / "barlow_twins.parquet", user_ids))
     features = ctr.UserFeatures(base, bt, inputs)
@@ -104,8 +105,10 @@ def evaluate_interest(project: Project, params: Params, progress: bool = True) -
     }
 
 
-def _inputs(project: Project, params: Params, tables, progress: bool):
-    """The fusion's inputs for every user of data/sequences, from their history partitions."""
+def history_inputs(project: Project, params: Params, tables, event_encoder, progress: bool):
+    """The fusion's inputs for every user of data/sequences, from their history partitions
+    (summarised as needed); `event_encoder` is (encoder, vocabulary, max_length).
+    Returns (inputs, user ids, sequences.parquet rows, summariser identity)."""
     from userlens.lifelong import pipeline
 
     settings = params.lifelong
@@ -124,22 +127,12 @@ def _inputs(project: Project, params: Params, tables, progress: bool):
     summariser = make_summariser(settings.summary, settings.llm.model, settings.llm.device)
     store.update(closed, tag, summariser, tables.items, tables.rating_scale, settings.summary, progress)
     texts = store.records(summariser.identity, tag).select("user_id", "partition", "text")
-    text_encoder = settings.fusion.text_encoder
-    vectors = text_vectors(texts["text"].to_list(), text_encoder, settings.llm.model, settings.llm.device)
-    summary_vectors = {(u, p): v for (u, p), v in zip(texts.select("user_id", "partition").iter_rows(), vectors,
-                                                    strict=True)}  # fmt: skip
-    with_events = pl.concat([closed, open_rows.filter(pl.col("n_events") > 0)])
-    encoder, vocabulary = _served_encoder(project, params)
-    event_vectors = event_set_vectors(encoder, seq_dir, params.sequences.max_length, vocabulary, with_events)
-    event_by_key = {(u, p): v for (u, p), v in zip(with_events.select("user_id", "partition").iter_rows(),
-                                                   event_vectors, strict=True)}  # fmt: skip
-    inputs = partition_inputs(user_ids, closed, open_rows, summary_vectors, event_by_key,
-                              settings.fusion.max_partitions, vectors.shape[1], event_vectors.shape[1])  # fmt: skip
+    inputs = build_inputs(user_ids, closed, open_rows, texts, event_encoder, seq_dir, settings)
     return inputs, user_ids, sequences, summariser.identity
 
 
-def _served_encoder(project: Project, params: Params):
-    """The trained Barlow Twins encoder (data/models/barlow_twins/encoder.pt) and its vocabulary."""
+def _candidate_encoder(project: Project, params: Params):
+    """The trained Barlow Twins encoder (data/models/barlow_twins/encoder.pt), its vocabulary and max_length."""
     from userlens.data import SequenceData
     from userlens.model import UserEncoder
     from userlens.train import ENCODER
@@ -150,7 +143,7 @@ def _served_encoder(project: Project, params: Params):
     data = SequenceData.load(project.sequences_dir, params.sequences.max_length)
     encoder = UserEncoder.for_data(params.model, data)
     encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-    return encoder.eval(), data.item_ids
+    return encoder.eval(), data.item_ids, params.sequences.max_length
 
 
 def _aligned_embeddings(path: Path, user_ids: list[str]) -> np.ndarray:

@@ -24,6 +24,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from userlens.config import LifelongParams
+
 HASHING_DIM = 512  # features of the hashed bag of words
 
 
@@ -72,7 +74,33 @@ def text_vectors(texts: list[str], encoder: str, lm_model: str = "smollm2", devi
         return hashing_vectors(texts)
     from userlens.llm import load_language_model
 
-    return load_language_model(lm_model, device).embed(texts)
+    model = load_language_model(lm_model, device)
+    return model.embed(texts) if texts else np.zeros((0, model.hidden_size), np.float32)
+
+
+def build_inputs(
+    user_ids: list[str],
+    closed: pl.DataFrame,
+    open_rows: pl.DataFrame,
+    texts: pl.DataFrame,
+    event_encoder: tuple[nn.Module, np.ndarray, int],
+    sequences_dir: Path,
+    settings: LifelongParams,
+) -> PartitionInputs:
+    """The fusion's inputs for `user_ids` from their partitions: `texts` (user_id, partition,
+    text) holds the summaries of the closed ones; `event_encoder` is (user encoder, its item
+    vocabulary, its max_length), run on every partition that holds events."""
+    encoder, vocabulary, max_length = event_encoder
+    fusion = settings.fusion
+    vectors = text_vectors(texts["text"].to_list(), fusion.text_encoder, settings.llm.model, settings.llm.device)
+    keys = texts.select("user_id", "partition").iter_rows()
+    summary_vectors = dict(zip(keys, vectors, strict=True))
+    with_events = pl.concat([closed, open_rows.filter(pl.col("n_events") > 0)])
+    event_vectors = event_set_vectors(encoder, sequences_dir, max_length, vocabulary, with_events)
+    keys = with_events.select("user_id", "partition").iter_rows()
+    event_by_key = dict(zip(keys, event_vectors, strict=True))
+    return partition_inputs(user_ids, closed, open_rows, summary_vectors, event_by_key, fusion.max_partitions,
+                            vectors.shape[1], event_vectors.shape[1])  # fmt: skip
 
 
 def event_set_vectors(
