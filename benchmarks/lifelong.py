@@ -151,13 +151,16 @@ def main() -> None:
     proj = Project(project)
     params = proj.load_params(overrides=overrides)
     llm = None
-    if args.llm_sample:
+    if args.llm_sample and {"refresh", "throughput"} & set(parts):
         from userlens.lifelong.summaries import make_summariser
 
         settings = params.lifelong
         llm = make_summariser(settings.summary.model_copy(update={"summariser": "llm"}), settings.llm.model,
                               settings.llm.device)  # fmt: skip
-    result = {"dataset": args.dataset, "machine": machine()}
+    # Parts run separately add to (or replace their part of) the dataset's results file.
+    path = OUT / f"lifelong-{args.dataset}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(dataset=args.dataset, machine=machine())
     pipeline.sync_log(proj, params)
     pipeline.partitions(proj, params)
     if "refresh" in parts:
@@ -168,7 +171,7 @@ def main() -> None:
         if not (project / "data/models/barlow_twins/encoder.pt").exists():
             stages.pretrain(proj, params, progress=False)
         result["ctr"] = pipeline.fuse(proj, params, progress=False)
-    (OUT / f"lifelong-{args.dataset}.json").write_text(json.dumps(result, indent=2, default=str))
+    path.write_text(json.dumps(result, indent=2, default=str))
     print(report(result))
 
 

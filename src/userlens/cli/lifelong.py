@@ -142,10 +142,11 @@ def fuse(obj: Context, evaluate, publish, stage, no_progress):
         result = pipeline.fuse(obj.project, params, progress=progress)
         click.echo((obj.project.reports_dir / "lifelong.md").read_text().rstrip())
         click.echo(f"\n({result['seconds']:.0f}s; reports/lifelong.json)")
-    reason = interest.skip_reason(obj.project, params.with_overrides({"lifelong.serve": True}) if not stage else params)
+    # The pipelines (--stage) follow lifelong.serve; a person asking for a version gets one if possible.
+    reason = interest.skip_reason(obj.project, params if stage else params.with_overrides({"lifelong.serve": True}))
     if reason:
-        if not stage:
-            raise UserlensError(f"no interest version trained: {reason}")
+        if publish and not stage:
+            raise UserlensError(f"nothing to publish: {reason}")
         click.echo(f"no interest version trained: {reason}")
         return
     trained = interest.train_interest(obj.project, params, progress=progress)

@@ -64,12 +64,18 @@ class CTRModel(nn.Module):
         self.item = nn.Embedding(n_items, item_dim)
         self.register_buffer("item_categories", item_categories.float())
         self.fusion = fusion
+        # user_interest enters through a gate that starts at 0 (ReZero): the untrained model is the
+        # one without it, so an untrained fusion's noise cannot decide where early stopping stops.
+        self.interest_gate = nn.Parameter(torch.zeros(fusion_dim)) if fusion is not None else None
         width = item_dim + item_categories.shape[1] + base_dim + (bt_dim or 0) + (fusion_dim if fusion else 0)
         self.bt = bt_dim is not None
         # A user's features are constant over their examples: dropout keeps a few hundred users
         # from being memorised by their vectors.
         self.user_dropout = nn.Dropout(USER_DROPOUT)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, 1))
+        # How much the user likes each category, read against the item's categories: a bilinear
+        # term (user features x item categories) that an MLP on the concatenation learns only slowly.
+        self.taste = nn.Linear(width - item_dim - item_categories.shape[1], item_categories.shape[1])
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, features: UserFeatures) -> torch.Tensor:
         """Logits of (users[i], items[i]); each distinct user's vectors are computed once."""
@@ -78,10 +84,12 @@ class CTRModel(nn.Module):
         if self.bt:
             extra.append(features.bt[distinct])
         if self.fusion is not None:
-            extra.append(self.fusion(features.partitions.rows(distinct)))
+            extra.append(self.fusion(features.partitions.rows(distinct)) * self.interest_gate)
         user = torch.cat([features.base[distinct], *(self.user_dropout(e) for e in extra)], dim=1)[row]
-        item = torch.cat([self.item(items), self.item_categories[items]], dim=1)
-        return self.mlp(torch.cat([item, user], dim=1)).squeeze(1)
+        categories = self.item_categories[items]
+        item = torch.cat([self.item(items), categories], dim=1)
+        taste = (self.taste(user) * categories).sum(1)
+        return self.mlp(torch.cat([item, user], dim=1)).squeeze(1) + taste
 
 
 def fit_and_score(

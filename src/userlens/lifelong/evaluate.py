@@ -50,8 +50,10 @@ def history_events(project: Project, log_events: pl.DataFrame) -> pl.DataFrame:
     return known.join(future, on=["user_id", "item_id", "timestamp"], how="anti", maintain_order="left")
 
 
-def evaluate_interest(project: Project, params: Params, progress: bool = True) -> dict[str, Any]:
-    """CTR AUC / log loss of every variant over `lifelong.ctr.seeds` user splits."""
+def evaluate_interest(
+    project: Project, params: Params, progress: bool = True, variants: tuple[str, ...] = ctr.VARIANTS
+) -> dict[str, Any]:
+    """CTR AUC / log loss of each variant over `lifelong.ctr.seeds` user splits."""
     from scipy import stats
 
     from userlens.stages import load_canonical
@@ -70,8 +72,8 @@ def evaluate_interest(project: Project, params: Params, progress: bool = True) -
     features = ctr.UserFeatures(base, bt, inputs)
     data = ctr.examples(sequences, tables.rating_scale)
     categories = torch.from_numpy(item_category_matrix(project.sequences_dir).toarray())
-    scores: dict[str, dict[str, list[float]]] = {v: {"auc": [], "log_loss": []} for v in ctr.VARIANTS}
-    units = [(seed, variant) for seed in range(settings.ctr.seeds) for variant in ctr.VARIANTS]
+    scores: dict[str, dict[str, list[float]]] = {v: {"auc": [], "log_loss": []} for v in variants}
+    units = [(seed, variant) for seed in range(settings.ctr.seeds) for variant in variants]
     for seed, variant in tqdm(units, desc="CTR (seed x variant)", disable=not progress):
         rng = np.random.default_rng(1_000 + seed)
         order = rng.permutation(len(user_ids))
@@ -82,9 +84,9 @@ def evaluate_interest(project: Project, params: Params, progress: bool = True) -
         for metric, value in result.items():
             scores[variant][metric].append(value)
     summary = {v: {m: _stat(values) for m, values in by.items()} for v, by in scores.items()}
-    best_without = max(("base", "base+bt"), key=lambda v: summary[v]["auc"]["mean"])
+    best_without = max((v for v in variants if "interest" not in v), key=lambda v: summary[v]["auc"]["mean"])
     paired = {}
-    for variant in ("base+interest", "base+bt+interest"):
+    for variant in (v for v in variants if "interest" in v):
         diff = np.subtract(scores[variant]["auc"], scores[best_without]["auc"])
         p = (
             float(stats.ttest_rel(scores[variant]["auc"], scores[best_without]["auc"]).pvalue)

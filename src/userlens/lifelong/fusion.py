@@ -27,6 +27,7 @@ from torch import nn
 from userlens.config import LifelongParams
 
 HASHING_DIM = 512  # features of the hashed bag of words
+RECENCY_DECAY = 1.0  # initial attention prior: each step back in time weighs e^-1 as much
 
 
 @dataclass
@@ -51,13 +52,22 @@ class InterestFusion(nn.Module):
         self.events = nn.Linear(event_dim, dim)
         self.recency = nn.Embedding(max_partitions, dim)
         self.query = nn.Parameter(torch.randn(1, 1, dim) / math.sqrt(dim))
-        self.attend = nn.MultiheadAttention(dim, heads if dim % heads == 0 else 1, batch_first=True)
+        self.heads = heads if dim % heads == 0 else 1
+        self.attend = nn.MultiheadAttention(dim, self.heads, batch_first=True)
+        # A learned attention bias per recency, starting as a prior that recent partitions count
+        # more (weights ~ exp(-RECENCY_DECAY * r)): the attention reads current interests from the
+        # first step, instead of having to find recency through the keys on a few hundred users.
+        self.recency_bias = nn.Embedding(max_partitions, 1)
+        with torch.no_grad():
+            self.recency_bias.weight.copy_(-RECENCY_DECAY * torch.arange(max_partitions, dtype=torch.float32)[:, None])
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, inputs: PartitionInputs) -> torch.Tensor:
         x = self.text(inputs.text) + self.events(inputs.events) + self.recency(inputs.recency)
         query = self.query.expand(len(x), -1, -1)
-        fused, _ = self.attend(query, x, x, key_padding_mask=~inputs.present, need_weights=False)
+        bias = self.recency_bias(inputs.recency).squeeze(-1).masked_fill(~inputs.present, float("-inf"))
+        mask = bias[:, None, :].repeat_interleave(self.heads, dim=0)  # [U * heads, 1, P]
+        fused, _ = self.attend(query, x, x, attn_mask=mask, need_weights=False)
         return self.norm(fused[:, 0])
 
 
