@@ -1,11 +1,13 @@
-"""Lifelong users (issue 10): refresh cost, summariser throughput and the CTR table.
+"""Lifelong users (issue 10): refresh cost, summariser throughput, CTR, lifelong vs truncated.
 
 Works in the quality benchmark's scratch project of the dataset (benchmarks/quality.py makes
-it: data stages, a trained Barlow Twins encoder), on the validated interactions.
+it: data stages, a trained Barlow Twins encoder), on the validated interactions; results go to
+benchmarks/out/lifelong-<dataset>.json (parts run separately are merged there).
 
-    python benchmarks/lifelong.py --dataset ml-100k             # all three parts
-    python benchmarks/lifelong.py --dataset ciao --parts refresh,throughput
+    python benchmarks/lifelong.py --dataset ml-100k             # refresh, throughput, ctr, truncation
+    python benchmarks/lifelong.py --dataset ciao --parts ctr,truncation --llm-sample 0
     python benchmarks/lifelong.py --llm-sample 32               # LLM partitions timed
+    python benchmarks/lifelong.py --parts drift                 # the CTR table on planted drift (synthetic)
 
 - refresh: 1 % of the users get new events (their last 20 % of events are held back, then
   appended) vs a full rebuild of log + partitions + summaries, side by side in one run: wall
@@ -14,12 +16,15 @@ it: data stages, a trained Barlow Twins encoder), on the validated interactions.
   the measured LLM time per summary (and labelled so).
 - throughput: partitions/s of the template summariser (all partitions) and of the LLM on the
   CPU (a sample, batched), and on CUDA when there is a GPU;
-- ctr: `userlens fuse` with the template summaries (AUC / log loss per variant, paired).
+- ctr: `userlens fuse` with the template summaries (AUC / log loss per variant, paired);
+- truncation: the downstream tasks with user_interest (whole history) vs the truncated history;
+- drift: the CTR table on a synthetic source with planted drift -> lifelong-drift.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, machine  # noqa: E402
 from quality import DATASETS, dataset_overrides, prepare  # noqa: E402
 
-PARTS = ("refresh", "throughput", "ctr")
+PARTS = ("refresh", "throughput", "ctr", "truncation")  # on --dataset; and "drift" (synthetic)
 
 
 class Counting:
@@ -135,6 +140,103 @@ def throughput_study(project: Path, params, llm, sample: int) -> dict:
     return out
 
 
+def truncation_study(project: Path, params) -> dict:
+    """The downstream tasks of `userlens evaluate` with user_interest (every user's WHOLE history,
+    through partitions) against the representations of the truncated history (the last
+    sequences.max_length events): Barlow Twins, the handcrafted profile, and both with it.
+
+    user_interest is trained (CTR objective, lifelong.ctr) on half the users; the tasks keep
+    the labels of the other half only, so no probe test user's future trained the fusion."""
+    import torch
+
+    from userlens.baselines import handcrafted_profile, item_category_matrix
+    from userlens.config import EvaluateParams
+    from userlens.embeddings import read_embeddings
+    from userlens.evaluate import build_tasks, evaluate_methods
+    from userlens.lifelong import ctr
+    from userlens.lifelong.evaluate import _candidate_encoder, history_inputs
+    from userlens.lifelong.interest import SERVED_VARIANT
+    from userlens.project import Project
+    from userlens.stages import load_canonical
+
+    proj = Project(project)
+    settings = params.lifelong
+    tables, _ = load_canonical(proj)
+    inputs, user_ids, sequences, _ = history_inputs(proj, params, tables, _candidate_encoder(proj, params), False)
+    order = np.random.default_rng(0).permutation(len(user_ids))
+    fusion_users, probe_users = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+    base = handcrafted_profile(proj.sequences_dir)
+    features = ctr.UserFeatures(ctr.standardised(base), None, inputs)
+    categories = torch.from_numpy(item_category_matrix(proj.sequences_dir).toarray())
+    data = ctr.examples(sequences, tables.rating_scale)
+    model = ctr.fit(SERVED_VARIANT, data, features, categories, fusion_users, settings.ctr, settings.fusion.dim,
+                    settings.fusion.max_partitions, seed=0)  # fmt: skip
+    with torch.no_grad():
+        interest = model.fusion.eval()(inputs).numpy()
+    ids, bt = read_embeddings(proj.embeddings_dir / "barlow_twins.parquet")
+    assert ids == user_ids, "the Barlow Twins export is for other users than data/sequences"
+    tasks = {name: dataclasses.replace(task, labels=np.where(np.isin(np.arange(len(task.labels)), fusion_users), -1,
+                                                             task.labels))
+             for name, task in build_tasks(proj.sequences_dir).items()}  # fmt: skip
+    methods = {
+        "barlow_twins (truncated)": bt,
+        "handcrafted (truncated)": base,
+        "user_interest (whole history)": interest,
+        "barlow_twins + user_interest": np.concatenate([bt, interest], axis=1),
+        "handcrafted + user_interest": np.concatenate([base, interest], axis=1),
+    }
+    evaluation = EvaluateParams(**{**params.evaluate.model_dump(), "probes": ["logreg"]})
+    results = evaluate_methods(methods, tasks, evaluation, progress=False)
+    events = sequences["history_item_index"].list.len() + sequences["future_item_index"].list.len()
+    return {"results": results, "probe_users": len(probe_users), "fusion_users": len(fusion_users),
+            "max_length": params.sequences.max_length,
+            "truncated_users": int((events > params.sequences.max_length).sum())}  # fmt: skip
+
+
+DRIFT = {"n_users": 600, "n_items": 300, "n_categories": 6, "mean_events_per_user": 150, "drift": 1.0}
+
+
+def drift_study() -> dict:
+    """The CTR table on the synthetic source with planted drift (every user's taste moves fully
+    to a second mixture), in its own scratch project (repository defaults otherwise), and how
+    much a single score says there: the user's share of the item's category in the whole
+    history vs in its last 40 events (AUC of that number alone)."""
+    from sklearn.metrics import roc_auc_score
+
+    from common import scratch_project, userlens
+    from userlens import stages
+    from userlens.lifelong import pipeline
+    from userlens.lifelong.evaluate import evaluate_interest
+    from userlens.project import Project
+
+    project = OUT / "lifelong-drift-project"
+    settings = [f"--set=data.synthetic.{key}={value}" for key, value in DRIFT.items()] + ["--set=dvc.push=false"]
+    if not (project / "data/sequences/manifest.json").exists():
+        scratch_project(project)
+        for verb in ("fetch", "ingest", "validate", "sequences"):
+            userlens("--project", str(project), *settings, verb)
+    proj = Project(project)
+    params = proj.load_params(overrides={f"data.synthetic.{k}": v for k, v in DRIFT.items()})
+    if not (project / "data/models/barlow_twins/encoder.pt").exists():
+        stages.pretrain(proj, params, progress=False)
+    pipeline.sync_log(proj, params)
+    pipeline.partitions(proj, params)
+    result = evaluate_interest(proj, params, progress=False)
+    sequences = pl.read_parquet(proj.sequences_dir / "sequences.parquet").sort("user_index")
+    items = pl.read_parquet(proj.sequences_dir / "items.parquet").sort("item_index")
+    primary = np.array([c[0] if len(c) else -1 for c in items["category_index"].to_list()])
+    shares: dict[str, list[float]] = {"whole history": [], "last 40 events": []}
+    labels = []
+    for history, future, ratings in sequences.select("history_item_index", "future_item_index",
+                                                     "future_rating").iter_rows():  # fmt: skip
+        for name, kept in (("whole history", history), ("last 40 events", history[-40:])):
+            counts = np.bincount(primary[kept], minlength=primary.max() + 1) / max(len(kept), 1)
+            shares[name] += [counts[primary[i]] for i in future]
+        labels += [r >= 4 for r in ratings]
+    result["single_score_auc"] = {name: float(roc_auc_score(labels, s)) for name, s in shares.items()}
+    return {**result, "dataset": f"synthetic with planted drift ({DRIFT})"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=list(DATASETS), default="ml-100k")
@@ -142,6 +244,12 @@ def main() -> None:
     parser.add_argument("--llm-sample", type=int, default=32, help="partitions the LLM summarises (0: no LLM)")
     args = parser.parse_args()
     parts = args.parts.split(",")
+    if "drift" in parts:
+        drift = drift_study()
+        (OUT / "lifelong-drift.json").write_text(json.dumps(drift, indent=2, default=str))
+        print(drift_report(drift))
+        if parts == ["drift"]:
+            return
     from userlens import stages
     from userlens.lifelong import pipeline
     from userlens.project import Project
@@ -171,6 +279,8 @@ def main() -> None:
         if not (project / "data/models/barlow_twins/encoder.pt").exists():
             stages.pretrain(proj, params, progress=False)
         result["ctr"] = pipeline.fuse(proj, params, progress=False)
+    if "truncation" in parts:
+        result["truncation"] = truncation_study(project, params)
     path.write_text(json.dumps(result, indent=2, default=str))
     print(report(result))
 
@@ -207,7 +317,51 @@ def report(result: dict) -> str:
         from userlens.lifelong.evaluate import markdown
 
         lines.append(markdown(ctr))
+    if truncation := result.get("truncation"):
+        lines += truncation_table(truncation)
     return "\n".join(lines)
+
+
+def drift_report(drift: dict) -> str:
+    from userlens.lifelong.evaluate import markdown
+
+    single = ", ".join(f"{name} {auc:.3f}" for name, auc in drift["single_score_auc"].items())
+    scores = f"\nSingle-score AUC (the user's share of the item's category): {single}\n"
+    return f"Machine: {machine()}\n\n" + markdown(drift) + scores
+
+
+def truncation_table(truncation: dict) -> list[str]:
+    from scipy import stats
+
+    results = truncation["results"]
+    methods = list(next(iter(results.values())))
+    lines = [f"**Lifelong vs truncated** ({truncation['probe_users']} probe users; user_interest trained on "
+             f"{truncation['fusion_users']} others; {truncation['truncated_users']} users have more than "
+             f"max_length = {truncation['max_length']} events). Test accuracy (logreg) at 5 % / 100 % of labels; "
+             "next_item: HR@k", "", "| representation | " + " | ".join(results) + " |",
+             "|---|" + "---:|" * len(results)]  # fmt: skip
+    for method in methods:
+        cells = []
+        for by_method in results.values():
+            entry = by_method[method]
+            if "logreg" in entry:
+                cells.append(" / ".join(f"{entry['logreg'][k]['mean']:.3f}" for k in ("0.05", "1.0")))
+            else:
+                cells.append(f"{_headline(entry)['mean']:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for task, by_method in results.items():  # paired over seeds, at 100 % of labels
+        best = max(methods[:2], key=lambda m: _headline(by_method[m])["mean"])
+        ours, theirs = _headline(by_method["user_interest (whole history)"]), _headline(by_method[best])
+        p = stats.ttest_rel(ours["per_seed"], theirs["per_seed"]).pvalue
+        gain = ours["mean"] - theirs["mean"]
+        lines.append(f"- {task}: user_interest {gain:+.3f} vs {best} (paired t-test p = {p:.3f})")
+    return lines + [""]
+
+
+def _headline(entry: dict) -> dict:
+    """A task's figure at 100 % of labels (logreg accuracy) or its HR@k."""
+    return entry["logreg"]["1.0"] if "logreg" in entry else entry[next(k for k in entry if k.startswith("hr@"))]
 
 
 if __name__ == "__main__":

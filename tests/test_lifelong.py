@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from userlens.config import PartitionParams, SummaryParams
 from userlens.lifelong.log import EventLog
 from userlens.lifelong.partitions import Partitions, partition_events
+from userlens.lifelong.parts import PartStore
 from userlens.lifelong.prompts import Event, PartitionView
 from userlens.lifelong.summaries import Summaries, TemplateSummariser
 
@@ -126,6 +127,47 @@ def test_appending_in_batches_gives_exactly_the_partitions_of_one_build(tmp_path
         .sort("user_id")
         .select(columns[:3] + ["item_ids"])
         .equals(whole.open().sort("user_id").select(columns[:3] + ["item_ids"]))
+    )
+
+
+def test_compaction_merges_files_but_keeps_rows_and_positions(tmp_path):
+    store = PartStore(tmp_path / "parts")
+    for k in range(5):
+        store.commit(pl.DataFrame({"k": [k, k]}))
+    before = store.read()
+    assert not store.compact(at=5) and len(store.parts()) == 5
+    assert store.compact(at=4)
+    assert len(store.parts()) == 1 and sorted(p.name for p in (tmp_path / "parts").glob("*.parquet")) == [
+        "compact-000005.parquet"
+    ]
+    assert store.read().equals(before) and store.appends == 5 and store.read(after=5).is_empty()
+    with pytest.raises(ValueError, match="inside the compacted"):
+        store.read(after=2)
+    store.commit(pl.DataFrame({"k": [9]}))
+    assert store.read(after=5)["k"].to_list() == [9] and (tmp_path / "parts/part-000006.parquet").exists()
+
+
+def test_partitions_read_a_compacted_log_as_they_read_its_appends(tmp_path):
+    rows = [("u1", "a", 0), ("u1", "b", 10), ("u2", "a", 20), ("u1", "c", 30), ("u2", "b", 40), ("u1", "d", 50)]
+    batch = events(rows)
+    rule = PartitionParams(max_events=2, max_gap_days=None)
+    log, parts = EventLog(tmp_path / "log"), Partitions(tmp_path / "partitions")
+    for k in range(3):
+        log.append(batch[2 * k : 2 * k + 2], {})
+        if k == 1:
+            parts.update(log, rule)
+            log.store.compact(at=1)  # what pipeline.partitions does once the log is read
+    parts.update(log, rule)
+    whole = Partitions(tmp_path / "whole")
+    whole_log = EventLog(tmp_path / "whole-log")
+    whole_log.append(batch, {})
+    whole.update(whole_log, rule)
+    columns = ["user_id", "partition", "n_events", "item_ids"]
+    assert (
+        parts.closed()
+        .sort("user_id", "partition")
+        .select(columns)
+        .equals(whole.closed().sort("user_id", "partition").select(columns))
     )
 
 

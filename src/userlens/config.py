@@ -293,6 +293,18 @@ class LifelongParams(_Section):
     ctr: CTRParams = CTRParams()
 
 
+class UserLLMParams(_Section):
+    """A language model conditioned on the user encoder (after User-LLM): userlens.llm.conditioning."""
+
+    llm: LanguageModelParams = LanguageModelParams()
+    mode: Literal["soft_prompt", "cross_attention"] = "soft_prompt"
+    perceiver: bool = True  # k latents from the per-event outputs; false: the pooled embedding (k = 1)
+    latents: int = Field(4, gt=0)  # k
+    perceiver_layers: int = Field(2, gt=0)
+    cross_attention_every: int = Field(5, gt=0)  # a gated block before every n-th decoder layer
+    tune_encoder: bool = False  # train the user encoder too (default: frozen, only the new parts train)
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
@@ -307,6 +319,7 @@ class Params(_Section):
     serving: ServingParams = ServingParams()
     sweep: SweepParams = SweepParams()
     lifelong: LifelongParams = LifelongParams()
+    user_llm: UserLLMParams = UserLLMParams()
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of the named sections (all when none are named)."""

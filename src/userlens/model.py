@@ -120,6 +120,12 @@ class UserEncoder(nn.Module):
             state_dict.setdefault(prefix + name, value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def event_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-event transformer outputs [B, L, D] (before pooling) and the real-event mask [B, L]:
+        what a Perceiver resampler reads (userlens.llm.conditioning)."""
+        x, real = self._states(batch)
+        return x[:, 1:], real
+
     def _states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer outputs [B, 1 + L, D] (CLS first) and the real-event mask [B, L]."""
         items, real = batch.items, ~batch.padding

@@ -7,10 +7,12 @@ test user's events never train the model; a tenth of the train users choose the 
 (early stopping on their log loss).
 
 Features, by variant: the item (a learned id embedding and its categories) and the user's
-handcrafted history profile are the base, scored by an MLP (on MovieLens-100K a
-factorisation-machine term on top of it overfitted: AUC 0.72 -> 0.69); "+bt" adds the served Barlow Twins embedding
-(frozen); "+interest" adds the fused `user_interest` (InterestFusion, trained with the model
-on this objective, its inputs frozen). AUC and log loss on the test users' events.
+handcrafted history profile are the base, scored by an MLP plus a bilinear user-features x
+item-categories term (on MovieLens-100K a full factorisation-machine term over item ids
+overfitted: AUC 0.72 -> 0.69); "+bt" adds the served Barlow Twins embedding (frozen);
+"+interest" adds the fused `user_interest` (InterestFusion, trained with the model on this
+objective, its inputs frozen) through a gate that starts at 0. AUC and log loss on the test
+users' events.
 """
 
 from __future__ import annotations

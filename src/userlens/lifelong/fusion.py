@@ -4,8 +4,9 @@ Each partition contributes two frozen vectors: its summary, encoded as text, and
 encoded by the userlens user encoder (the trained Barlow Twins encoder, on that partition's
 events alone). The open cache counts as the most recent partition, with events but no summary.
 `InterestFusion` projects both, adds a recency embedding (0 = the most recent), and attends
-over the partitions with a learned query; it is trained on a downstream objective
-(lifelong.ctr) with everything upstream frozen.
+over the partitions with a learned query, its attention starting from a learned prior that
+recent partitions count more; it is trained on a downstream objective (lifelong.ctr) with
+everything upstream frozen.
 
 Text encoders (`lifelong.fusion.text_encoder`): "lm", the language model's last hidden states
 mean-pooled (userlens.llm); or "hashing", a hashed bag of words and word pairs (no model: the

@@ -131,7 +131,7 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
             "event_dim": int(inputs.events.shape[2]),
             "dim": settings.fusion.dim,
             "max_partitions": settings.fusion.max_partitions,
-        },  # fmt: skip
+        },
         "trained_on": {"variant": SERVED_VARIANT, "users": len(user_ids), "examples": int(len(data.label))},
     }
     folder = versions_dir(project, params)
@@ -142,7 +142,10 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
     write_json_atomic(staging / MANIFEST, manifest)
     rows = interest_rows(project, params, manifest, fusion, event_encoder)
     _write_export(staging / EXPORT, rows)
-    staging.rename(folder / version)
+    if (folder / version).exists():  # the same weights trained within the same second: that version
+        shutil.rmtree(staging)
+    else:
+        staging.rename(folder / version)
     log.info("interest version %s: %d users", version, rows.height)
     return {"version": version, "users": rows.height, "encoder_version": production.version,
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip

@@ -28,7 +28,8 @@ class EventLog:
 
     @property
     def n_parts(self) -> int:
-        return len(self.store.parts())
+        """Appends so far: what a reader's `read(after_part)` counts."""
+        return self.store.appends
 
     @property
     def n_events(self) -> int:
@@ -53,9 +54,8 @@ class EventLog:
         part = events.sort(["timestamp", "user_id", "item_id"]).with_columns(
             seq=pl.int_range(start, start + events.height, dtype=pl.Int64)
         )
-        parts = self.store.parts()
         self.store.commit(part.select(SCHEMA.keys()), sources=[*self.store.manifest.get("sources", []), source])
-        log.info("event log: %d new events appended as part %d", events.height, len(parts) + 1)
+        log.info("event log: %d new events appended as part %d", events.height, self.n_parts)
         return events.height
 
 

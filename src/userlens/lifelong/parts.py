@@ -3,7 +3,14 @@
 The event log, the closed partitions and the summaries are all kept this way: a write adds a
 new part file, then replaces manifest.json atomically. The manifest is the commit point: a part
 it does not list (a crash between the two writes) is ignored and overwritten by the next
-append, so a reader always sees whole appends and nothing already written is ever rewritten.
+append, so a reader always sees whole appends.
+
+Compaction keeps the number of files bounded (one append per refresh adds up): once more than
+COMPACT_AT files are listed, `compact` writes their rows, in order, into one file, switches the
+manifest to it, then deletes the old files. Rows are never changed, and positions stay
+logical: a compacted file counts as the appends it merged, so `read(after=n)` means the same
+before and after (it must not fall inside a merged range: compact only what every reader has
+read, see EventLog).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import polars as pl
 from userlens.io import atomic_file, read_json, utc_now, write_json_atomic
 
 MANIFEST = "manifest.json"
+COMPACT_AT = 32  # files listed before `compact` merges them into one
 
 
 class PartStore:
@@ -30,9 +38,20 @@ class PartStore:
     def parts(self) -> list[dict[str, Any]]:
         return self.manifest["parts"]
 
+    @property
+    def appends(self) -> int:
+        """How many appends the store holds (a compacted file counts as those it merged)."""
+        return sum(p.get("appends", 1) for p in self.parts())
+
     def scan(self, after: int = 0) -> pl.LazyFrame | None:
-        """The parts after the first `after` ones, lazily (None when there are none)."""
-        files = [self.folder / p["file"] for p in self.parts()[after:]]
+        """The appends after the first `after` ones, lazily (None when there are none)."""
+        files, seen = [], 0
+        for part in self.parts():
+            if seen >= after:
+                files.append(self.folder / part["file"])
+            elif seen + part.get("appends", 1) > after:
+                raise ValueError(f"{self.folder}: position {after} lies inside the compacted {part['file']}")
+            seen += part.get("appends", 1)
         return pl.scan_parquet(files) if files else None
 
     def read(self, after: int = 0, schema: dict | None = None) -> pl.DataFrame:
@@ -52,9 +71,24 @@ class PartStore:
         manifest = self.manifest
         parts = list(manifest["parts"])
         if frame is not None and frame.height:
-            name = f"part-{len(parts) + 1:06d}.parquet"
+            name = f"part-{self.appends + 1:06d}.parquet"
             self.write_file(name, frame)
             parts.append({"file": name, "rows": frame.height, "written_at": utc_now()})
         manifest = {**manifest, **fields, "parts": parts, "rows": sum(p["rows"] for p in parts)}
         write_json_atomic(self.folder / MANIFEST, manifest)
         return manifest
+
+    def compact(self, at: int = COMPACT_AT) -> bool:
+        """Merge every listed file into one when more than `at` are listed; True when it did."""
+        parts = self.parts()
+        if len(parts) <= at:
+            return False
+        appends = self.appends
+        name = f"compact-{appends:06d}.parquet"
+        self.write_file(name, self.read())
+        merged = {"file": name, "rows": sum(p["rows"] for p in parts), "appends": appends, "written_at": utc_now()}
+        write_json_atomic(self.folder / MANIFEST, {**self.manifest, "parts": [merged]})
+        for part in parts:
+            if part["file"] != name:
+                (self.folder / part["file"]).unlink(missing_ok=True)
+        return True

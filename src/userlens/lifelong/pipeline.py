@@ -84,7 +84,12 @@ def _read_events_file(path: Path, items: pl.DataFrame) -> pl.DataFrame:
 
 def partitions(project: Project, params: Params) -> dict[str, Any]:
     """Bring the partitions up to date with the event log (only users with new events change)."""
-    return partition_store(project, params).update(event_log(project, params), params.lifelong.partition)
+    logged, store = event_log(project, params), partition_store(project, params)
+    done = store.update(logged, params.lifelong.partition)
+    # Every append of the log is now read, so both may merge their files (see lifelong/parts.py).
+    logged.store.compact()
+    store.store.compact()
+    return done
 
 
 def summarise(project: Project, params: Params, progress: bool = True) -> dict[str, Any]:
@@ -97,9 +102,12 @@ def summarise(project: Project, params: Params, progress: bool = True) -> dict[s
     tables, _ = stages.load_canonical(project)
     settings = params.lifelong
     summariser = make_summariser(settings.summary, settings.llm.model, settings.llm.device)
-    return summary_store(project, params).update(
+    summaries = summary_store(project, params)
+    done = summaries.update(
         store.closed(), store.rule_hash, summariser, tables.items, tables.rating_scale, settings.summary, progress
     )
+    summaries.store.compact()
+    return done
 
 
 def fuse(project: Project, params: Params, progress: bool = True) -> dict[str, Any]:

@@ -146,7 +146,12 @@ class LanguageModel:
 @functools.lru_cache(maxsize=2)
 def load_language_model(spec: str = PACKAGED, device: str = "auto") -> LanguageModel:
     """The model `spec` names, on `device` (auto: CUDA when present, in bf16; else the CPU, in
-    float32), in eval mode; loaded once per process."""
+    float32), in eval mode; loaded once per process and shared: never modify it (see load_private)."""
+    return load_private(spec, device)
+
+
+def load_private(spec: str = PACKAGED, device: str = "auto") -> LanguageModel:
+    """A fresh copy of the model, for a caller that changes it (e.g. inserts conditioning layers)."""
     import time
 
     files = locate(spec)
