@@ -242,6 +242,9 @@ def main() -> None:
     parser.add_argument("--dataset", choices=list(DATASETS), default="ml-100k")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--llm-sample", type=int, default=32, help="partitions the LLM summarises (0: no LLM)")
+    parser.add_argument("--ctr-summaries", choices=["template", "llm"], default="template",
+                        help="ctr: summaries by the template or by the LLM (then encoded by the LM's states); "
+                        "the LLM's are cached as they are written, so a stopped run continues")  # fmt: skip
     args = parser.parse_args()
     parts = args.parts.split(",")
     if "drift" in parts:
@@ -278,7 +281,13 @@ def main() -> None:
     if "ctr" in parts:
         if not (project / "data/models/barlow_twins/encoder.pt").exists():
             stages.pretrain(proj, params, progress=False)
-        result["ctr"] = pipeline.fuse(proj, params, progress=False)
+        if args.ctr_summaries == "llm":
+            llm_params = params.with_overrides(
+                {"lifelong.summary.summariser": "llm", "lifelong.fusion.text_encoder": "lm"}
+            )
+            result["ctr_llm"] = pipeline.fuse(proj, llm_params, progress=True)
+        else:
+            result["ctr"] = pipeline.fuse(proj, params, progress=False)
     if "truncation" in parts:
         result["truncation"] = truncation_study(project, params)
     path.write_text(json.dumps(result, indent=2, default=str))
@@ -313,10 +322,11 @@ def report(result: dict) -> str:
                          f"| {llm['partitions']} | {llm['per_second']:.2f} |")  # fmt: skip
             lines += ["", f'Example LLM summary: "{llm["example"]}"']
         lines.append("")
-    if ctr := result.get("ctr"):
-        from userlens.lifelong.evaluate import markdown
+    for key in ("ctr", "ctr_llm"):
+        if ctr := result.get(key):
+            from userlens.lifelong.evaluate import markdown
 
-        lines.append(markdown(ctr))
+            lines.append(markdown(ctr))
     if truncation := result.get("truncation"):
         lines += truncation_table(truncation)
     return "\n".join(lines)

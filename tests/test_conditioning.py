@@ -14,11 +14,11 @@ from userlens.model import UserEncoder
 N_ITEMS, N_CATEGORIES, MAX_LENGTH = 20, 4, 8
 
 
-def tiny_llama(layers: int = 4):
+def tiny_llama(layers: int = 4, vocab: int = 50):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     return LlamaForCausalLM(config).eval()
 
@@ -101,3 +101,117 @@ def test_settings_that_cannot_work_are_refused():
         UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(perceiver=False, latents=4))
     pooled = UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(perceiver=False, latents=1))
     assert pooled.user_latents(batch_of([2, 4])).shape == (2, 1, 16)
+
+
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level tokenizer (no model files needed): [PAD] 0, [UNK] 1, then `words`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(words))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+
+
+class PlantedLM(torch.nn.Module):
+    """A stand-in LM whose next-token distribution always favours the `planted` tokens."""
+
+    def __init__(self, vocab: int, planted: list[int]):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(hidden_size=8)
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.bias = torch.zeros(vocab)
+        self.bias[planted] = 5.0
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, inputs_embeds, attention_mask, labels=None):
+        from types import SimpleNamespace
+
+        B, L, _ = inputs_embeds.shape
+        return SimpleNamespace(logits=self.bias.expand(B, L, -1).clone(), loss=None)
+
+
+def test_candidate_scoring_ranks_the_planted_answer_first():
+    from userlens.llm.tasks import Question, choice_scores, rank_of_answer
+
+    choices = ("alpha beta", "gamma delta", "epsilon zeta")
+    tokenizer = word_tokenizer("which one ?".split() + " ".join(choices).split())
+    planted = tokenizer.convert_tokens_to_ids(["gamma", "delta"])
+    model = UserConditionedLM(PlantedLM(len(tokenizer), planted), tiny_encoder(), UserLLMParams())
+    questions = [Question(0, "which one ?", choices, 1), Question(1, "which one ?", choices[::-1], 1)]
+    scores = choice_scores(model, tokenizer, None, questions, conditioned=False)
+    assert [rank_of_answer(s, q.answer) for s, q in zip(scores, questions, strict=True)] == [0, 0]
+    assert rank_of_answer(scores[0], 0) > 0 and rank_of_answer(scores[1], 0) > 0
+
+
+def without_users(lm, tokenizer, questions, steps: int = 100):
+    """The tiny LM trained on the questions alone (no user): a no-context baseline that knows the
+    answer format and the answers' overall frequencies, as a pretrained LM would."""
+    from userlens.llm.tasks import encode
+
+    ids, mask, labels = encode(tokenizer, [q.prompt for q in questions], [q.choices[q.answer] for q in questions],
+                               "cpu")  # fmt: skip
+    optimiser = torch.optim.Adam(lm.parameters(), 3e-3)
+    lm.train()
+    for _ in range(steps):
+        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return lm.eval()
+
+
+@pytest.mark.integration
+def test_a_few_steps_teach_the_conditioned_lm_favourite_categories(small_sequences, tmp_path):
+    """Synthetic users with planted tastes, the project's Barlow Twins encoder (frozen) and a
+    tiny LM (frozen after learning the answers without users): training the cross-attention
+    blocks lowers the answer loss, and the conditioned LM names the future's favourite category
+    better than the same LM without the user and than the majority answer."""
+    import numpy as np
+    import polars as pl
+
+    from userlens import stages
+    from userlens.config import TrainLoopParams
+    from userlens.data import SequenceData
+    from userlens.llm.tasks import QUESTIONS, Catalogue, encode, make_questions
+    from userlens.llm.training import accuracy, train_conditioned
+    from userlens.project import Project
+    from userlens.train import ENCODER
+
+    project = Project(small_sequences.parents[1])
+    params = project.load_params().with_overrides({"pretrain.steps": 30})
+    if not (project.model_dir("barlow_twins") / ENCODER).exists():
+        stages.pretrain(project, params, progress=False)
+    data = SequenceData.load(small_sequences, params.sequences.max_length)
+    encoder = UserEncoder.for_data(params.model, data)
+    encoder.load_state_dict(torch.load(project.model_dir("barlow_twins") / ENCODER, weights_only=True)["model"])
+    items = pl.read_parquet(project.root / "data/canonical/items.parquet")
+    catalogue = Catalogue.load(small_sequences, items)
+    questions = make_questions("favourite_category", catalogue, small_sequences, None, np.arange(data.n_users))
+    train, val = questions[: len(questions) * 3 // 4], questions[len(questions) * 3 // 4 :]
+    tokenizer = word_tokenizer(QUESTIONS["favourite_category"].split() + list(catalogue.categories))
+    lm = without_users(tiny_llama(vocab=len(tokenizer)), tokenizer, train)
+    settings = UserLLMParams(mode="cross_attention", perceiver=False, latents=1, cross_attention_every=2,
+                             tasks=("favourite_category",), train=TrainLoopParams(
+                                 steps=200, eval_every=100, batch_size=32, lr=0.01, weight_decay=0.0))  # fmt: skip
+    model = UserConditionedLM(lm, encoder, settings)
+    no_context = accuracy(model, tokenizer, data, val, conditioned=False)
+
+    def answer_loss() -> float:
+        ids, mask, labels = encode(tokenizer, [q.prompt for q in val], [q.choices[q.answer] for q in val], "cpu")
+        with torch.no_grad():
+            return float(model(data.batch([q.user for q in val]), ids, mask, labels).loss)
+
+    before = answer_loss()
+    result = train_conditioned(model, tokenizer, data, {"favourite_category": train}, {"favourite_category": val},
+                               settings, tmp_path / "run", progress=False)  # fmt: skip
+    assert result.steps_run == 200 and (tmp_path / "run/curves.csv").exists()
+    assert answer_loss() < before - 0.05
+    majority = np.bincount([q.answer for q in val]).max() / len(val)
+    conditioned = accuracy(model, tokenizer, data, val)
+    assert conditioned > max(no_context, majority) + 0.08, (conditioned, no_context, majority)

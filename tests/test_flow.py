@@ -90,6 +90,7 @@ def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(pr
     interest = results["interest"]
     assert interest["encoder_version"] == version and interest["published"]["users"] == interest["users"] == 200
     assert json.loads((project / "data/feast/interest.json").read_text())["model_version"] == interest["version"]
+    assert f"user_interest {interest['version']}" in report and f"userlens lookup {ids[0]} --interest" in report
 
     # A second run with nothing changed skips every expensive step.
     again = flow(project_dir=str(project), progress=False, return_state=True)

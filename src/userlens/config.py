@@ -130,8 +130,8 @@ class AugmentParams(_Section):
     substitute_rate: float = Field(0.0, ge=0, lt=1)  # share of events swapped for an item of the same category
 
 
-class PretrainParams(_Section):
-    """Optimisation of the self-supervised encoder; the dual encoder gets the same budget in steps."""
+class TrainLoopParams(_Section):
+    """What userlens.train.fit, the one training loop, reads."""
 
     steps: int = Field(300, ge=0)  # optimiser steps (the budget), each of batch_size users
     eval_every: int = Field(50, ge=1)  # steps per round: validation probe, collapse monitor, checkpoint
@@ -140,19 +140,24 @@ class PretrainParams(_Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
+    # "last": the weights after `steps` (a fixed budget); "probe": the round with the best validation probe
+    selection: Literal["last", "probe"] = "last"
+    patience: int = Field(5, ge=1)  # selection "probe": rounds without a better validation probe, then stop
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class PretrainParams(TrainLoopParams):
+    """Optimisation of the self-supervised encoder; the dual encoder gets the same budget in steps."""
+
     lambd: float = Field(0.005, ge=0)  # Barlow Twins off-diagonal weight
     projector: tuple[int, ...] = (256, 256)  # hidden and output widths of the projector MLP
     whiten_shrinkage: float | None = Field(0.01, ge=0, le=1)  # Barlow Twins export: ZCA whitening, null = off
     temperature: float = Field(0.1, gt=0)  # dual encoder: softmax temperature
     logq_correction: bool = False  # dual encoder: subtract log item frequency from logits
     max_pairs: int = Field(4096, ge=1)  # dual encoder: (prefix, next item) pairs per step, at most
-    # "last": the weights after `steps` (a fixed budget); "probe": the round with the best validation probe
-    selection: Literal["last", "probe"] = "last"
-    patience: int = Field(5, ge=1)  # selection "probe": rounds without a better validation probe, then stop
     # Users whose future labels drive selection (rounds, recipes); left out of the downstream evaluation.
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
 class BaselineParams(_Section):
@@ -303,6 +308,10 @@ class UserLLMParams(_Section):
     perceiver_layers: int = Field(2, gt=0)
     cross_attention_every: int = Field(5, gt=0)  # a gated block before every n-th decoder layer
     tune_encoder: bool = False  # train the user encoder too (default: frozen, only the new parts train)
+    tasks: tuple[str, ...] = ("favourite_category", "next_item", "preference")  # trained on, in turn
+    candidates: int = Field(20, ge=2)  # next_item: titles ranked per question (the target and random others)
+    train: TrainLoopParams = TrainLoopParams(steps=200, eval_every=50, batch_size=8, lr=1e-3, weight_decay=0.0,
+                                             selection="probe", patience=3)  # fmt: skip
 
 
 class Params(_Section):

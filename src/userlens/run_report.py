@@ -41,9 +41,14 @@ def markdown(project, params: Params, results: dict[str, Any], metrics: dict[str
     lines += [f"- {reason}" for reason in decision.get("reasons", [])] + [""]
     lines += geometry_table(metrics[GEOMETRY]) if metrics.get(GEOMETRY) else []
     lines += ["## Online store", "", *_materialized(results), ""]
+    interest = results.get("interest")
+    if interest:
+        lines += [f"user_interest {interest['version']} (lifelong, on encoder {interest['encoder_version']}) is "
+                  f"served from slot {interest['published']['slot']} for {interest['users']:,} users.", ""]  # fmt: skip
     user = example_user(project)
     if user is not None:
-        lines += ["## Try it", "", "```", f"userlens lookup {user}", "```", ""]
+        lookups = [f"userlens lookup {user}"] + ([f"userlens lookup {user} --interest"] if interest else [])
+        lines += ["## Try it", "", "```", *lookups, "```", ""]
     return "\n".join(lines)
 
 

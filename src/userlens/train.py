@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from userlens.config import PretrainParams
+from userlens.config import TrainLoopParams
 from userlens.geometry import effective_rank
 from userlens.io import atomic_file
 
@@ -106,7 +106,7 @@ def fit(
     embed: Callable[[torch.nn.Module], np.ndarray],
     score: Callable[[np.ndarray], float],
     train_users: np.ndarray,
-    params: PretrainParams,
+    params: TrainLoopParams,
     out_dir: Path,
     *,
     desc: str = "train",

@@ -153,6 +153,8 @@ def _echo_release(project: Project, summary: dict) -> None:
         click.echo(summary["promote"]["message"])
     else:
         click.echo("production and the online store are unchanged")
+    if "interest" in summary:
+        click.echo(f"user_interest {summary['interest']['version']} is served beside it (lookup --interest)")
     click.echo(f"report: {project.relative(project.run_report)}")
     if "promote" not in summary and not decision.get("production_version"):
         click.echo("nothing is served yet: `userlens models` lists the candidate; `userlens promote VERSION --force`")

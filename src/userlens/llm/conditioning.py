@@ -140,6 +140,13 @@ class UserConditionedLM(nn.Module):
         self.lm.to(*args, **kwargs)
         return super().to(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> UserConditionedLM:
+        """Frozen parts stay in eval mode: a frozen encoder's dropout would only blur the user."""
+        super().train(mode)
+        if not self.settings.tune_encoder:
+            self.encoder.eval()
+        return self
+
     def user_latents(self, batch: Batch) -> torch.Tensor:
         """[B, k, d_user]: the resampler's latents, or the pooled embedding as one latent."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.settings.tune_encoder):
@@ -150,7 +157,8 @@ class UserConditionedLM(nn.Module):
 
     @contextlib.contextmanager
     def _cross_attending(self, latents: torch.Tensor | None) -> Iterator[None]:
-        wrapped = [layer for layer in self.lm.model.layers if isinstance(layer, _CrossAttendingLayer)]
+        layers = self.lm.model.layers if len(self.blocks) else []
+        wrapped = [layer for layer in layers if isinstance(layer, _CrossAttendingLayer)]
         for layer in wrapped:
             layer.latents = latents
         try:
