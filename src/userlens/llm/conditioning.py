@@ -6,7 +6,8 @@ Flamingo) into k latents; with `perceiver` off, the single latent is the encoder
 embedding (k = 1, the simplest case). The latents condition a frozen LM in one of two ways:
 
 - soft prompt: a projector (two-layer MLP, as LLaRA's) maps each latent to a vector of the
-  LM's input-embedding space; the k vectors are placed before the text's token embeddings;
+  LM's input-embedding space; the k vectors go in right after the text's first token (not
+  before it: small LMs use the first position as an attention sink, and read little there);
 - cross-attention: a gated cross-attention block (attention to the latents, then a feed-forward
   layer, each behind a tanh gate that starts at 0) runs before every n-th decoder layer, so
   the untrained model computes exactly what the LM alone does.
@@ -175,18 +176,22 @@ class UserConditionedLM(nn.Module):
         labels: torch.Tensor | None = None,
     ):
         """The LM's output on `input_ids` (right-padded) conditioned on `batch`'s users (None: the
-        plain LM). Soft prompts add k positions in front: logits and labels are shifted to match."""
+        plain LM). Soft prompts add k positions after the first token (labels -100 there);
+        `text_logits` drops them again."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         latents = self.user_latents(batch) if batch is not None else None
         if latents is not None and self.projector is not None:
-            prefix = self.projector(latents).to(embeds.dtype)
-            embeds = torch.cat([prefix, embeds], dim=1)
-            attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+            prompt = self.projector(latents).to(embeds.dtype)
+            embeds = torch.cat([embeds[:, :1], prompt, embeds[:, 1:]], dim=1)
+            ones = attention_mask.new_ones(prompt.shape[:2])
+            attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
             if labels is not None:
-                labels = torch.cat([labels.new_full(prefix.shape[:2], -100), labels], dim=1)
+                labels = torch.cat([labels[:, :1], labels.new_full(prompt.shape[:2], -100), labels[:, 1:]], dim=1)
         with self._cross_attending(latents if self.projector is None else None):
             return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
-    def prefix_length(self, batch: Batch | None) -> int:
-        """Positions the conditioning adds in front of the text."""
-        return self.settings.latents if batch is not None and self.projector is not None else 0
+    def text_logits(self, logits: torch.Tensor, batch: Batch | None) -> torch.Tensor:
+        """The logits at the text's own positions (without the soft prompt's)."""
+        if batch is None or self.projector is None:
+            return logits
+        return torch.cat([logits[:, :1], logits[:, 1 + self.settings.latents :]], dim=1)

@@ -85,7 +85,7 @@ def answer_logprob(model, tokenizer, data, users: list[int] | None, prompts: lis
         batch = data.batch(users[chunk]).to(model.device) if users is not None else None
         with torch.no_grad():
             logits = model(batch, ids, mask).logits.float()
-        logits = logits[:, model.prefix_length(batch) :]  # the text's positions only
+        logits = model.text_logits(logits, batch)
         logprobs = logits[:, :-1].log_softmax(-1)
         targets = labels[:, 1:]
         scored = targets != -100
