@@ -133,6 +133,13 @@ def refresh(project: Project, params, embeddings: Path, progress: bool) -> dict:
 
 
 @task(cache_policy=NO_CACHE)
+def condition_lm(project: Project, params, progress: bool) -> dict:
+    from userlens.llm.pipeline import condition
+
+    return condition(project, params, progress=progress)
+
+
+@task(cache_policy=NO_CACHE)
 def train_interest(project: Project, params, progress: bool) -> dict:
     from userlens.lifelong import interest
 
@@ -173,6 +180,8 @@ def training_pipeline(
         _prepare_data(project, params, results, progress, logger)
         results["pretrain"] = _run_step(pretrain, "pretrain", project, params, progress)
         results["baselines"] = _run_step(train_baselines, "baselines", project, params, progress)
+        if params.user_llm.enabled:  # the user-conditioned LM (off by default: minutes of CPU)
+            results["user_llm"] = condition_lm(project, params, progress)
         _run_step(evaluate, "evaluate", project, params, progress)
         decision = results["gate"] = gate(project, params)
         results["register"] = register(project, params)

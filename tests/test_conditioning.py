@@ -102,8 +102,12 @@ def test_only_the_new_parts_train_and_the_lm_is_not_in_the_state():
 
 
 def test_settings_that_cannot_work_are_refused():
-    with pytest.raises(ValueError, match="pooled embedding"):
+    from userlens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pooled embedding"):
         UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(perceiver=False, latents=4))
+    with pytest.raises(ConfigError, match="has only 4 layers"):
+        UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(mode="cross_attention", cross_attention_every=5))
     pooled = UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(perceiver=False, latents=1))
     assert pooled.user_latents(batch_of([2, 4])).shape == (2, 1, 16)
 
@@ -266,3 +270,42 @@ def test_the_real_smollm2_learns_favourite_categories_from_the_user_encoder(smal
     majority = np.bincount([q.answer for q in val]).max() / len(val)
     conditioned = accuracy(model, tokenizer, data, val)
     assert conditioned > max(no_context, majority) + 0.05, (conditioned, no_context, majority)
+
+
+@pytest.mark.integration
+def test_userlens_condition_trains_scores_and_keeps_a_version(small_sequences, tmp_path):
+    """The stage end to end, with a tiny model folder standing in for SmolLM2 (any local model
+    folder is accepted): report rows for every method, a version without the LM's weights."""
+    import json
+
+    from click.testing import CliRunner
+
+    from userlens import stages
+    from userlens.cli import cli
+    from userlens.llm.tasks import QUESTIONS
+    from userlens.project import Project
+    from userlens.train import ENCODER
+
+    project = Project(small_sequences.parents[1])
+    if not (project.model_dir("barlow_twins") / ENCODER).exists():
+        stages.pretrain(project, project.load_params().with_overrides({"pretrain.steps": 30}), progress=False)
+    categories = json.loads((small_sequences / "manifest.json").read_text())["categories"]
+    tokenizer = word_tokenizer(QUESTIONS["favourite_category"].split() + list(categories))
+    folder = tmp_path / "tiny-lm"
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = {"llm.model": str(folder), "llm.device": "cpu", "mode": "cross_attention", "cross_attention_every": "2",
+                "perceiver": "false",
+                "latents": "1", "tasks": '["favourite_category"]', "text_prompt_events": "[3]", "eval_users": "20",
+                "train.steps": "10", "train.eval_every": "10", "train.batch_size": "16"}  # fmt: skip
+    options = [arg for key, value in settings.items() for arg in ("--set", f"user_llm.{key}={value}")]
+    result = CliRunner().invoke(cli, ["--project", str(project.root), *options, "condition", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((project.reports_dir / "user_llm.json").read_text())
+    scores = report["accuracy"]["favourite_category"]
+    assert set(scores) == {"no context", "text prompt (last 3 events)", "conditioned (cross_attention)"}
+    assert all(0 <= v <= 1 for v in scores.values()) and report["users"]["test"] == 20
+    assert "| conditioned (cross_attention) |" in result.output
+    saved = torch.load(project.root / "data/user_llm" / report["version"] / "conditioner.pt", weights_only=True)
+    assert saved["model"] and not any(name.startswith("lm.") for name in saved["model"])
+    assert any(name.startswith("blocks.") for name in saved["model"])

@@ -209,9 +209,7 @@ class GateParams(_Section):
 # Measured on the default synthetic run (make run; logreg, 5 % labels, 5 seeds): Barlow Twins 0.238 vs the
 # dual encoder 0.175 on favourite_category, 0.701 vs 0.667 on rating_tendency (README, "Promotion gate").
 DEFAULT_GATE_TASKS = {
-    "favourite_category": GateRule(
-        min_accuracy=0.15, max_regression=0.05, min_margin_over_baseline=0.0, optional=True
-    ),
+    "favourite_category": GateRule(min_accuracy=0.15, max_regression=0.05, min_margin_over_baseline=0.0, optional=True),
     "rating_tendency": GateRule(min_accuracy=0.65, max_regression=0.03, min_margin_over_baseline=0.0, optional=True),
 }
 
@@ -301,17 +299,22 @@ class LifelongParams(_Section):
 class UserLLMParams(_Section):
     """A language model conditioned on the user encoder (after User-LLM): userlens.llm.conditioning."""
 
+    enabled: bool = False  # the pipelines train it (minutes of CPU per run: off in the `make run` default)
     llm: LanguageModelParams = LanguageModelParams()
-    mode: Literal["soft_prompt", "cross_attention"] = "soft_prompt"
-    perceiver: bool = True  # k latents from the per-event outputs; false: the pooled embedding (k = 1)
-    latents: int = Field(4, gt=0)  # k
+    mode: Literal["soft_prompt", "cross_attention"] = "cross_attention"
+    perceiver: bool = False  # k latents from the per-event outputs; false: the pooled embedding (k = 1)
+    latents: int = Field(1, gt=0)  # k
     perceiver_layers: int = Field(2, gt=0)
     cross_attention_every: int = Field(5, gt=0)  # a gated block before every n-th decoder layer
     tune_encoder: bool = False  # train the user encoder too (default: frozen, only the new parts train)
-    tasks: tuple[str, ...] = ("favourite_category", "next_item", "preference")  # trained on, in turn
+    # trained on (a task per step) and scored; preference needs ratings
+    tasks: tuple[Literal["favourite_category", "next_item", "preference"], ...] = (
+        "favourite_category", "next_item", "preference")  # fmt: skip
     candidates: int = Field(20, ge=2)  # next_item: titles ranked per question (the target and random others)
-    train: TrainLoopParams = TrainLoopParams(steps=200, eval_every=50, batch_size=8, lr=1e-3, weight_decay=0.0,
-                                             selection="probe", patience=3)  # fmt: skip
+    eval_users: int = Field(100, ge=1)  # test users scored (and validation users choosing the round), at most
+    text_prompt_events: tuple[int, ...] = (10,)  # the text-prompt baseline: the last N events in the prompt
+    train: TrainLoopParams = TrainLoopParams(steps=80, eval_every=40, batch_size=8, lr=3e-3, weight_decay=0.0,
+                                             selection="probe", patience=2)  # fmt: skip
 
 
 class Params(_Section):

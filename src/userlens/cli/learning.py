@@ -172,3 +172,36 @@ def _invocation() -> str:
     if on_path and Path(on_path).resolve() == script.resolve():
         return "userlens"
     return os.path.relpath(script) if script.exists() else f"{os.path.relpath(sys.executable)} -m userlens"
+
+
+@cli.command()
+@click.option("--stage", is_flag=True, help="As the pipelines run it (dvc.yaml): a no-op, exit 0, unless "
+              "user_llm.enabled.")  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.pass_obj
+def condition(obj: Context, stage, no_progress):
+    """Train a language model conditioned on the user encoder (User-LLM) and score it.
+
+    \b
+    The LM (user_llm.llm.model: SmolLM2-135M-Instruct by default, or a local model folder)
+    stays frozen; the conditioning (user_llm.mode: soft_prompt or cross_attention, k latents
+    from a Perceiver or the pooled embedding) trains on the train users' questions
+    (user_llm.tasks). On held-out users it is scored against the same LM without the user
+    and with the user's last N events in the prompt -> reports/user_llm.json and .md; the
+    trained parts -> data/user_llm/<version>/. Reads the trained Barlow Twins candidate.
+
+    \b
+    Examples:
+      userlens condition
+      userlens --set user_llm.mode=cross_attention --set user_llm.latents=4 condition
+      userlens --set user_llm.llm.model=/models/Qwen2.5-0.5B-Instruct condition
+    """
+    from userlens.llm.pipeline import condition as run_condition
+
+    params = obj.params()
+    if stage and not params.user_llm.enabled:
+        click.echo("user_llm.enabled is off: no conditioned LM trained (`userlens condition` trains one anyway)")
+        return
+    result = run_condition(obj.project, params, progress=not no_progress)
+    click.echo((obj.project.reports_dir / "user_llm.md").read_text().rstrip())
+    click.echo(f"\n({result['seconds']:.0f}s; reports/user_llm.json, data/user_llm/{result['version']}/)")

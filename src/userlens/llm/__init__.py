@@ -1,5 +1,6 @@
 """Language models in userlens: loading a causal LM offline (`loader`), used by the lifelong
-interest summaries (userlens.lifelong) and, later, by the user-conditioned LM (issue 11)."""
+interest summaries (userlens.lifelong), and the user-conditioned LM (conditioning, tasks,
+training, pipeline: `userlens condition`)."""
 
 from userlens.llm.loader import LanguageModel, load_language_model
 

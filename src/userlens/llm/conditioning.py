@@ -29,6 +29,7 @@ from torch import nn
 
 from userlens.config import UserLLMParams
 from userlens.data import Batch
+from userlens.errors import ConfigError
 from userlens.model import UserEncoder
 
 
@@ -108,9 +109,9 @@ class UserConditionedLM(nn.Module):
     def __init__(self, lm: nn.Module, encoder: UserEncoder, settings: UserLLMParams):
         super().__init__()
         if settings.mode not in ("soft_prompt", "cross_attention"):
-            raise ValueError(f"user_llm.mode {settings.mode!r}: expected soft_prompt or cross_attention")
+            raise ConfigError(f"user_llm.mode {settings.mode!r}: expected soft_prompt or cross_attention")
         if not settings.perceiver and settings.latents != 1:
-            raise ValueError("without the Perceiver the only latent is the pooled embedding: set user_llm.latents 1")
+            raise ConfigError("without the Perceiver the only latent is the pooled embedding: set user_llm.latents 1")
         object.__setattr__(self, "lm", lm)  # not a submodule: see the module docstring
         for weight in lm.parameters():
             weight.requires_grad_(False)
@@ -128,6 +129,9 @@ class UserConditionedLM(nn.Module):
             self.projector = nn.Sequential(nn.Linear(d_user, d_lm), nn.GELU(), nn.Linear(d_lm, d_lm))
         else:
             layers = lm.model.layers
+            if settings.cross_attention_every > len(layers):
+                raise ConfigError(f"user_llm.cross_attention_every {settings.cross_attention_every}: the language "
+                                 f"model has only {len(layers)} layers")  # fmt: skip
             for index in range(settings.cross_attention_every - 1, len(layers), settings.cross_attention_every):
                 block = GatedCrossAttention(d_lm, d_user)
                 self.blocks.append(block)

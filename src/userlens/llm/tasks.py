@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from userlens.errors import UserlensError
+
 QUESTIONS = {
     "favourite_category": "Which category of items will this user choose most often next? Answer with the category.",
     "next_item": "Which item will this user choose next? Answer with its title.",
@@ -186,7 +188,7 @@ def make_questions(
         from userlens.lifelong.ctr import examples
 
         if rating_scale is None:
-            raise ValueError("the preference task needs ratings")
+            raise UserlensError("the preference task needs ratings: this data has none")
         sequences = pl.read_parquet(sequences_dir / "sequences.parquet").sort("user_index")
         pairs = examples(sequences, rating_scale)
         first = {}  # one rated future item per user: the first
@@ -194,4 +196,4 @@ def make_questions(
             first.setdefault(int(user), (int(item), bool(liked)))
         return [Question(int(u), prompt(u, QUESTIONS[task].format(title=catalogue.titles[first[u][0]])), ("yes", "no"),
                          0 if first[u][1] else 1) for u in users if int(u) in first]  # fmt: skip
-    raise ValueError(f"unknown task {task!r}: expected one of {sorted(QUESTIONS)}")
+    raise UserlensError(f"unknown task {task!r}: expected one of {sorted(QUESTIONS)}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from userlens.config import UserLLMParams
+from userlens.errors import UserlensError
 from userlens.llm.conditioning import UserConditionedLM
 from userlens.llm.tasks import Question, choice_scores, encode, rank_of_answer
 from userlens.train import FitResult, fit
@@ -42,7 +43,7 @@ def train_conditioned(
     question per user); selection and curves as userlens.train.fit does them."""
     tasks = [t for t in settings.tasks if train_questions.get(t)]
     if not tasks:
-        raise ValueError("no training questions for any of user_llm.tasks")
+        raise UserlensError("no training questions for any of user_llm.tasks (no user has their labels)")
     by_user = {task: {q.user: q for q in train_questions[task]} for task in tasks}
     users = np.array(sorted({q.user for task in tasks for q in train_questions[task]}))
     val_users = sorted({q.user for questions in val_questions.values() for q in questions})

@@ -1,0 +1,154 @@
+"""The user-conditioned LM as a stage: `userlens condition` (dvc.yaml `condition`).
+
+1. The encoder: the trained Barlow Twins candidate (data/models/barlow_twins: the stage runs
+   after pretrain), frozen unless user_llm.tune_encoder.
+2. Users: the pretraining validation users choose the round (as for every method); the others
+   are split (seeded) into train and test users, the test users capped at user_llm.eval_users.
+3. Train the conditioning (user_llm.mode) on the train users' questions (user_llm.tasks).
+4. Score every task on the test users: the LM without the user, the LM with the user's last N
+   events in the prompt (user_llm.text_prompt_events), and the conditioned LM ->
+   reports/user_llm.json and .md; the trained parts -> data/user_llm/<version>/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from userlens.config import Params
+from userlens.errors import UserlensError
+from userlens.io import read_json, utc_now, write_json_atomic, write_text_atomic
+from userlens.project import Project
+
+log = logging.getLogger(__name__)
+
+CONDITIONER, MANIFEST = "conditioner.pt", "manifest.json"
+
+
+def versions_dir(project: Project) -> Path:
+    return project.root / "data" / "user_llm"
+
+
+def _encoder(project: Project, params: Params):
+    """(encoder, its vocabulary, max_length, its model version): the trained candidate."""
+    from userlens.lifelong.evaluate import _candidate_encoder
+
+    encoder, vocabulary, max_length = _candidate_encoder(project, params)
+    version = read_json(project.model_dir("barlow_twins") / "manifest.json").get("model_version", "unknown")
+    return encoder, vocabulary, max_length, version
+
+
+def condition(project: Project, params: Params, progress: bool = True) -> dict[str, Any]:
+    """Train and score the user-conditioned LM; returns (and writes) the report."""
+    import shutil
+
+    from userlens.data import SequenceData
+    from userlens.llm.conditioning import UserConditionedLM
+    from userlens.llm.loader import load_private
+    from userlens.llm.tasks import Catalogue, make_questions
+    from userlens.llm.training import accuracy, train_conditioned
+    from userlens.pretraining import validation_users
+    from userlens.stages import load_canonical
+
+    started = time.perf_counter()
+    settings = params.user_llm
+    encoder, vocabulary, max_length, encoder_version = _encoder(project, params)
+    tables, _ = load_canonical(project)
+    seq_dir = project.sequences_dir
+    data = SequenceData.load(seq_dir, max_length, vocabulary)
+    catalogue = Catalogue.load(seq_dir, tables.items)
+    val = validation_users(data.n_users, params)
+    rest = np.setdiff1d(np.arange(data.n_users), val)
+    rest = rest[np.random.default_rng(settings.train.seed).permutation(len(rest))]
+    n_test = min(settings.eval_users, len(rest) * 3 // 10)
+    test, train = np.sort(rest[:n_test]), np.sort(rest[n_test:])
+    tasks = [t for t in settings.tasks if t != "preference" or tables.rating_scale is not None]
+    if not tasks:
+        raise UserlensError("none of user_llm.tasks fits this data (preference needs ratings)")
+
+    def questions(users: np.ndarray, events: int = 0) -> dict[str, list]:
+        return {t: make_questions(t, catalogue, seq_dir, tables.rating_scale, users, events, settings.candidates,
+                                  settings.train.seed) for t in tasks}  # fmt: skip
+
+    language_model = load_private(settings.llm.model, settings.llm.device)
+    model = UserConditionedLM(language_model.model, encoder, settings).to(language_model.device)
+    tokenizer = language_model.tokenizer
+    # A crashed run resumes from its checkpoints; other settings or another encoder start afresh.
+    run_key = hashlib.sha256(f"{settings.model_dump_json()}|{encoder_version}".encode()).hexdigest()[:12]
+    work = versions_dir(project) / f".training-{run_key}"
+    fit = train_conditioned(model, tokenizer, data, questions(train), questions(val[: settings.eval_users]),
+                            settings, work, progress)  # fmt: skip
+    scores: dict[str, dict[str, float]] = {}
+    asked = questions(test)
+    for task in tasks:
+        scores[task] = {"no context": accuracy(model, tokenizer, data, asked[task], conditioned=False)}
+        for n in settings.text_prompt_events:
+            prompted = questions(test, n)[task]
+            scores[task][f"text prompt (last {n} events)"] = accuracy(model, tokenizer, data, prompted, False)
+        scores[task][f"conditioned ({settings.mode})"] = accuracy(model, tokenizer, data, asked[task])
+    version = _save_version(project, model, settings, encoder_version, language_model.identity)
+    result = {
+        "version": version,
+        "encoder": encoder_version,
+        "language_model": language_model.identity,
+        "mode": settings.mode,
+        "latents": settings.latents,
+        "perceiver": settings.perceiver,
+        "users": {
+            "train": int(len(train)),
+            "validation": int(min(len(val), settings.eval_users)),
+            "test": int(len(test)),
+        },  # fmt: skip
+        "training": {
+            "steps": fit.steps_run,
+            "selected_step": fit.selected_step,
+            "reason": fit.reason,
+            "seconds": round(fit.seconds, 1),
+        },  # fmt: skip
+        "accuracy": scores,
+        "seconds": round(time.perf_counter() - started, 1),
+        "created_at": utc_now(),
+    }
+    write_json_atomic(project.reports_dir / "user_llm.json", result)
+    write_text_atomic(project.reports_dir / "user_llm.md", markdown(result))
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _save_version(project: Project, model, settings, encoder_version: str, lm_identity: str) -> str:
+    """The trained parts (state_dict without the LM) and what they were trained with."""
+    from userlens.train import atomic_save
+
+    state = model.state_dict()
+    digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in state.values())).hexdigest()[:8]
+    version = f"user_llm-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{digest}"
+    folder = versions_dir(project) / version
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": state}, folder / CONDITIONER)
+    manifest = {"version": version, "encoder": encoder_version, "language_model": lm_identity,
+                "settings": settings.model_dump(mode="json"), "created_at": utc_now()}  # fmt: skip
+    write_json_atomic(folder / MANIFEST, manifest)
+    return version
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"User-conditioned LM {result['version']}: {result['mode']}, k = {result['latents']}"
+        f"{' (Perceiver)' if result['perceiver'] else ' (pooled embedding)'}, on {result['language_model']}, "
+        f"encoder {result['encoder']}; {result['users']['train']} train / {result['users']['test']} test users; "
+        f"{result['training']['steps']} steps in {result['training']['seconds']:.0f}s",
+        "",
+    ]
+    tasks = list(result["accuracy"])
+    methods = list(result["accuracy"][tasks[0]])
+    lines += ["Accuracy: the right answer scored first among each question's choices (next_item: the candidates).",
+              "", "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]  # fmt: skip
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(f"{result['accuracy'][t][method]:.3f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
