@@ -12,8 +12,6 @@ from datetime import timedelta
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Array, Float32, Int64, String
 
-SLOTS = ("blue", "green")
-
 user = Entity(
     name="user",
     join_keys=["user_id"],
@@ -22,59 +20,47 @@ user = Entity(
 )
 
 
-def slot_view(slot: str) -> tuple[FeatureView, FeatureService]:
+def slot_view(name: str, slot: str, file_stem: str, features: list, description: str):
+    """The FeatureView and FeatureService of one slot of a feature set (keyed by user)."""
     source = FileSource(
-        name=f"user_embeddings_{slot}_source",
-        path=f"../data/feast/slots/{slot}.parquet",  # relative to this folder
+        name=f"{name}_{slot}_source",
+        path=f"../data/feast/slots/{file_stem}{slot}.parquet",  # relative to this folder
         timestamp_field="event_timestamp",
     )
     view = FeatureView(
-        name=f"user_embeddings_{slot}",
+        name=f"{name}_{slot}",
         entities=[user],
         ttl=timedelta(0),  # rows never expire: the serving pointer, not time, decides what is current
-        schema=[  # declared in full, so `feast plan` needs no data to infer types
-            Field(name="user_id", dtype=String),
-            Field(name="embedding", dtype=Array(Float32)),
-            Field(name="model_version", dtype=String),
-            Field(name="n_events", dtype=Int64),  # history + future events in data/sequences
-            Field(name="last_event_at", dtype=Int64),  # epoch seconds, UTC
-        ],
+        schema=[Field(name="user_id", dtype=String), *features],  # in full: `feast plan` needs no data
         source=source,
         online=True,
-        description=f"User embeddings of the model version published into the {slot} slot.",
+        description=f"{description}, as published into the {slot} slot.",
     )
-    service = FeatureService(name=f"user_embeddings_{slot}_service", features=[view])
-    return view, service
+    return view, FeatureService(name=f"{name}_{slot}_service", features=[view])
 
 
-user_embeddings_blue, user_embeddings_blue_service = slot_view("blue")
-user_embeddings_green, user_embeddings_green_service = slot_view("green")
+EMBEDDING_FEATURES = [
+    Field(name="embedding", dtype=Array(Float32)),
+    Field(name="model_version", dtype=String),
+    Field(name="n_events", dtype=Int64),  # history + future events in data/sequences
+    Field(name="last_event_at", dtype=Int64),  # epoch seconds, UTC
+]
+INTEREST_FEATURES = [
+    Field(name="user_interest", dtype=Array(Float32)),
+    Field(name="interest_version", dtype=String),
+    Field(name="n_partitions", dtype=Int64),  # closed partitions fused
+    Field(name="interest_events", dtype=Int64),  # events the vector has seen (closed + open cache)
+]
 
-
-def interest_view(slot: str) -> tuple[FeatureView, FeatureService]:
-    source = FileSource(
-        name=f"user_interest_{slot}_source",
-        path=f"../data/feast/slots/interest-{slot}.parquet",
-        timestamp_field="event_timestamp",
-    )
-    view = FeatureView(
-        name=f"user_interest_{slot}",
-        entities=[user],
-        ttl=timedelta(0),
-        schema=[
-            Field(name="user_id", dtype=String),
-            Field(name="user_interest", dtype=Array(Float32)),
-            Field(name="interest_version", dtype=String),
-            Field(name="n_partitions", dtype=Int64),  # closed partitions fused
-            Field(name="interest_events", dtype=Int64),  # events the vector has seen (closed + open cache)
-        ],
-        source=source,
-        online=True,
-        description=f"Lifelong user_interest vectors of the interest version published into the {slot} slot.",
-    )
-    service = FeatureService(name=f"user_interest_{slot}_service", features=[view])
-    return view, service
-
-
-user_interest_blue, user_interest_blue_service = interest_view("blue")
-user_interest_green, user_interest_green_service = interest_view("green")
+user_embeddings_blue, user_embeddings_blue_service = slot_view(
+    "user_embeddings", "blue", "", EMBEDDING_FEATURES, "User embeddings of one model version"
+)
+user_embeddings_green, user_embeddings_green_service = slot_view(
+    "user_embeddings", "green", "", EMBEDDING_FEATURES, "User embeddings of one model version"
+)
+user_interest_blue, user_interest_blue_service = slot_view(
+    "user_interest", "blue", "interest-", INTEREST_FEATURES, "Lifelong user_interest of one interest version"
+)
+user_interest_green, user_interest_green_service = slot_view(
+    "user_interest", "green", "interest-", INTEREST_FEATURES, "Lifelong user_interest of one interest version"
+)

@@ -74,7 +74,7 @@ def test_cross_attention_with_its_gates_at_zero_is_exactly_the_lm():
 
 def test_a_soft_prompt_puts_k_user_vectors_after_the_first_token_and_masks_their_labels():
     lm = tiny_llama()
-    model = UserConditionedLM(lm, tiny_encoder(), UserLLMParams(mode="soft_prompt", latents=3))
+    model = UserConditionedLM(lm, tiny_encoder(), UserLLMParams(mode="soft_prompt", perceiver=True, latents=3))
     ids, mask = text()
     labels = ids.clone()
     labels[:, :4] = -100  # the answer is the last two tokens
@@ -92,12 +92,13 @@ def test_a_soft_prompt_puts_k_user_vectors_after_the_first_token_and_masks_their
 
 def test_only_the_new_parts_train_and_the_lm_is_not_in_the_state():
     lm = tiny_llama()
-    model = UserConditionedLM(lm, tiny_encoder(), UserLLMParams(mode="cross_attention", cross_attention_every=2))
+    settings = UserLLMParams(mode="cross_attention", cross_attention_every=2, perceiver=True, latents=2)
+    model = UserConditionedLM(lm, tiny_encoder(), settings)
     trainable = {name for name, weight in model.named_parameters() if weight.requires_grad}
     assert trainable and all(name.startswith(("resampler.", "blocks.")) for name in trainable)
     assert not any(name.startswith("lm.") for name in model.state_dict())
     assert not any(weight.requires_grad for weight in lm.parameters())
-    tuned = UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(tune_encoder=True))
+    tuned = UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(mode="soft_prompt", tune_encoder=True))
     assert any(name.startswith("encoder.") and w.requires_grad for name, w in tuned.named_parameters())
 
 
@@ -105,10 +106,10 @@ def test_settings_that_cannot_work_are_refused():
     from userlens.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pooled embedding"):
-        UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(perceiver=False, latents=4))
+        UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(mode="soft_prompt", perceiver=False, latents=4))
     with pytest.raises(ConfigError, match="has only 4 layers"):
         UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(mode="cross_attention", cross_attention_every=5))
-    pooled = UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(perceiver=False, latents=1))
+    pooled = UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(mode="soft_prompt", latents=1))
     assert pooled.user_latents(batch_of([2, 4])).shape == (2, 1, 16)
 
 
@@ -151,7 +152,7 @@ def test_candidate_scoring_ranks_the_planted_answer_first():
     choices = ("alpha beta", "gamma delta", "epsilon zeta")
     tokenizer = word_tokenizer("which one ?".split() + " ".join(choices).split())
     planted = tokenizer.convert_tokens_to_ids(["gamma", "delta"])
-    model = UserConditionedLM(PlantedLM(len(tokenizer), planted), tiny_encoder(), UserLLMParams())
+    model = UserConditionedLM(PlantedLM(len(tokenizer), planted), tiny_encoder(), UserLLMParams(mode="soft_prompt"))
     questions = [Question(0, "which one ?", choices, 1), Question(1, "which one ?", choices[::-1], 1)]
     scores = choice_scores(model, tokenizer, None, questions, conditioned=False)
     assert [rank_of_answer(s, q.answer) for s, q in zip(scores, questions, strict=True)] == [0, 0]
@@ -175,20 +176,15 @@ def without_users(lm, tokenizer, questions, steps: int = 100):
     return lm.eval()
 
 
-@pytest.mark.integration
-def test_a_few_steps_teach_the_conditioned_lm_favourite_categories(small_sequences, tmp_path):
-    """Synthetic users with planted tastes, the project's Barlow Twins encoder (frozen) and a
-    tiny LM (frozen after learning the answers without users): training the cross-attention
-    blocks lowers the answer loss, and the conditioned LM names the future's favourite category
-    better than the same LM without the user and than the majority answer."""
+def favourite_category_questions(small_sequences):
+    """The project's Barlow Twins encoder (trained here if absent), its data and every user's
+    favourite-category question."""
     import numpy as np
     import polars as pl
 
     from userlens import stages
-    from userlens.config import TrainLoopParams
     from userlens.data import SequenceData
-    from userlens.llm.tasks import QUESTIONS, Catalogue, encode, make_questions
-    from userlens.llm.training import accuracy, train_conditioned
+    from userlens.llm.tasks import Catalogue, make_questions
     from userlens.project import Project
     from userlens.train import ENCODER
 
@@ -199,9 +195,24 @@ def test_a_few_steps_teach_the_conditioned_lm_favourite_categories(small_sequenc
     data = SequenceData.load(small_sequences, params.sequences.max_length)
     encoder = UserEncoder.for_data(params.model, data)
     encoder.load_state_dict(torch.load(project.model_dir("barlow_twins") / ENCODER, weights_only=True)["model"])
-    items = pl.read_parquet(project.root / "data/canonical/items.parquet")
-    catalogue = Catalogue.load(small_sequences, items)
+    catalogue = Catalogue.load(small_sequences, pl.read_parquet(project.root / "data/canonical/items.parquet"))
     questions = make_questions("favourite_category", catalogue, small_sequences, None, np.arange(data.n_users))
+    return data, encoder.eval(), catalogue, questions
+
+
+@pytest.mark.integration
+def test_a_few_steps_teach_the_conditioned_lm_favourite_categories(small_sequences, tmp_path):
+    """Synthetic users with planted tastes, the project's Barlow Twins encoder (frozen) and a
+    tiny LM (frozen after learning the answers without users): training the cross-attention
+    blocks lowers the answer loss, and the conditioned LM names the future's favourite category
+    better than the same LM without the user and than the majority answer."""
+    import numpy as np
+
+    from userlens.config import TrainLoopParams
+    from userlens.llm.tasks import QUESTIONS, encode
+    from userlens.llm.training import accuracy, train_conditioned
+
+    data, encoder, catalogue, questions = favourite_category_questions(small_sequences)
     train, val = questions[: len(questions) * 3 // 4], questions[len(questions) * 3 // 4 :]
     tokenizer = word_tokenizer(QUESTIONS["favourite_category"].split() + list(catalogue.categories))
     lm = without_users(tiny_llama(vocab=len(tokenizer)), tokenizer, train)
@@ -231,31 +242,17 @@ def test_a_few_steps_teach_the_conditioned_lm_favourite_categories(small_sequenc
 def test_the_real_smollm2_learns_favourite_categories_from_the_user_encoder(small_sequences, tmp_path):
     """The same claim on SmolLM2-135M-Instruct (frozen), through cross-attention to the pooled
     Barlow Twins embedding: after 80 steps it beats itself without the user and the majority.
-    (Measured once here: 0.475 against 0.225 for both. A soft prompt needs far more steps
-    on this model: 60 steps at lr 1e-2 left accuracy where it was.)"""
+    (A soft prompt needs far more steps on this model: tried with 60 steps at lr 1e-2, it left
+    accuracy where it was.)"""
     import numpy as np
-    import polars as pl
 
     from conftest import smollm2_or_skip
-    from userlens import stages
     from userlens.config import TrainLoopParams
-    from userlens.data import SequenceData
     from userlens.llm.loader import load_private
-    from userlens.llm.tasks import Catalogue, make_questions
     from userlens.llm.training import accuracy, train_conditioned
-    from userlens.project import Project
-    from userlens.train import ENCODER
 
     smollm2_or_skip()
-    project = Project(small_sequences.parents[1])
-    params = project.load_params().with_overrides({"pretrain.steps": 30})
-    if not (project.model_dir("barlow_twins") / ENCODER).exists():
-        stages.pretrain(project, params, progress=False)
-    data = SequenceData.load(small_sequences, params.sequences.max_length)
-    encoder = UserEncoder.for_data(params.model, data)
-    encoder.load_state_dict(torch.load(project.model_dir("barlow_twins") / ENCODER, weights_only=True)["model"])
-    catalogue = Catalogue.load(small_sequences, pl.read_parquet(project.root / "data/canonical/items.parquet"))
-    questions = make_questions("favourite_category", catalogue, small_sequences, None, np.arange(data.n_users))
+    data, encoder, _, questions = favourite_category_questions(small_sequences)
     train, val = questions[:320], questions[320:360]
     language_model = load_private("smollm2", "cpu")
     settings = UserLLMParams(mode="cross_attention", perceiver=False, latents=1, tasks=("favourite_category",),
@@ -263,7 +260,6 @@ def test_the_real_smollm2_learns_favourite_categories_from_the_user_encoder(smal
                                                    weight_decay=0.0))  # fmt: skip
     model = UserConditionedLM(language_model.model, encoder, settings)
     tokenizer = language_model.tokenizer
-    tokenizer.padding_side = "right"
     no_context = accuracy(model, tokenizer, data, val, conditioned=False)
     train_conditioned(model, tokenizer, data, {"favourite_category": train}, {"favourite_category": val},
                       settings, tmp_path / "run", progress=False)  # fmt: skip
