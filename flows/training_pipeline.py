@@ -4,7 +4,8 @@
 pretraining -> baselines -> downstream evaluation -> gate -> register -> promote (publish to
 the online store, then move the production alias).
 Then, with lifelong.serve, user_interest: an interest version trained on the production
-encoder (lifelong/interest.py) and served beside the embeddings.
+encoder (lifelong/interest.py) and served beside the embeddings. With user_llm.enabled (off
+by default), the user-conditioned LM is trained after the baselines (llm/pipeline.py).
 `refresh_pipeline`: the faster scheduled job: new raw data -> sequences -> the production
 encoder re-embeds the users -> incremental materialization into the online store; the users
 with new events get new partitions, summaries and user_interest, materialised incrementally.
@@ -206,12 +207,12 @@ def refresh_pipeline(
     then, when user_interest is served, the users with new events are re-fused and re-materialised."""
     logger = get_run_logger()
     project, params = _setup(project_dir, overrides, params_file)
+    from userlens.lifelong.interest import served_interest
+
     results: dict[str, Any] = {"dataset": params.data.dataset, "source": params.data.source}
     with project_lock(project, "refresh_pipeline"):
         _prepare_data(project, params, results, progress, logger)
         results["refresh"] = refresh(project, params, reexport(project, params), progress)
-        from userlens.lifelong.interest import served_interest
-
         if params.lifelong.serve and served_interest(project, params) is not None:
             results["interest"] = refresh_interest(project, params, progress)
     return results

@@ -159,6 +159,20 @@ def test_candidate_scoring_ranks_the_planted_answer_first():
     assert rank_of_answer(scores[0], 0) > 0 and rank_of_answer(scores[1], 0) > 0
 
 
+def test_task_metrics_rank_candidates_and_read_yes_no_margins():
+    import numpy as np
+
+    from userlens.llm.tasks import Question, task_metrics
+
+    items = [Question(0, "?", tuple("abcdefghijkl"), 0), Question(1, "?", tuple("abcdefghijkl"), 0)]
+    scores = [np.arange(12.0)[::-1], np.arange(12.0)]  # the target first, then last of 12
+    ranked = task_metrics("next_item", scores, items)
+    assert ranked["recall@10"] == 0.5 and ranked["accuracy"] == 0.5 and ranked["ndcg@10"] == 0.5
+    yes_no = [Question(u, "?", ("yes", "no"), a) for u, a in enumerate([0, 0, 1, 1])]
+    margins = [np.array([m, 0.0]) for m in (2.0, 0.5, 1.0, -1.0)]  # liked users: 2.0, 0.5; the others: 1.0, -1.0
+    assert task_metrics("preference", margins, yes_no)["auc"] == 0.75
+
+
 def without_users(lm, tokenizer, questions, steps: int = 100):
     """The tiny LM trained on the questions alone (no user): a no-context baseline that knows the
     answer format and the answers' overall frequencies, as a pretrained LM would."""
@@ -298,9 +312,9 @@ def test_userlens_condition_trains_scores_and_keeps_a_version(small_sequences, t
     result = CliRunner().invoke(cli, ["--project", str(project.root), *options, "condition", "--no-progress"])
     assert result.exit_code == 0, result.output
     report = json.loads((project.reports_dir / "user_llm.json").read_text())
-    scores = report["accuracy"]["favourite_category"]
+    scores = report["scores"]["favourite_category"]
     assert set(scores) == {"no context", "text prompt (last 3 events)", "conditioned (cross_attention)"}
-    assert all(0 <= v <= 1 for v in scores.values()) and report["users"]["test"] == 20
+    assert all(0 <= v["accuracy"] <= 1 for v in scores.values()) and report["users"]["test"] == 20
     assert "| conditioned (cross_attention) |" in result.output
     saved = torch.load(project.root / "data/user_llm" / report["version"] / "conditioner.pt", weights_only=True)
     assert saved["model"] and not any(name.startswith("lm.") for name in saved["model"])

@@ -52,7 +52,7 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     from userlens.llm.conditioning import UserConditionedLM
     from userlens.llm.loader import load_private
     from userlens.llm.tasks import Catalogue, make_questions
-    from userlens.llm.training import accuracy, train_conditioned
+    from userlens.llm.training import metrics, train_conditioned
     from userlens.pretraining import validation_users
     from userlens.stages import load_canonical
 
@@ -87,11 +87,11 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     scores: dict[str, dict[str, float]] = {}
     asked = questions(test)
     for task in tasks:
-        scores[task] = {"no context": accuracy(model, tokenizer, data, asked[task], conditioned=False)}
+        scores[task] = {"no context": metrics(model, tokenizer, data, task, asked[task], conditioned=False)}
         for n in settings.text_prompt_events:
             prompted = questions(test, n)[task]
-            scores[task][f"text prompt (last {n} events)"] = accuracy(model, tokenizer, data, prompted, False)
-        scores[task][f"conditioned ({settings.mode})"] = accuracy(model, tokenizer, data, asked[task])
+            scores[task][f"text prompt (last {n} events)"] = metrics(model, tokenizer, data, task, prompted, False)
+        scores[task][f"conditioned ({settings.mode})"] = metrics(model, tokenizer, data, task, asked[task])
     version = _save_version(project, model, settings, encoder_version, language_model.identity)
     result = {
         "version": version,
@@ -111,7 +111,7 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
             "reason": fit.reason,
             "seconds": round(fit.seconds, 1),
         },  # fmt: skip
-        "accuracy": scores,
+        "scores": scores,
         "seconds": round(time.perf_counter() - started, 1),
         "created_at": utc_now(),
     }
@@ -145,10 +145,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['training']['steps']} steps in {result['training']['seconds']:.0f}s",
         "",
     ]
-    tasks = list(result["accuracy"])
-    methods = list(result["accuracy"][tasks[0]])
-    lines += ["Accuracy: the right answer scored first among each question's choices (next_item: the candidates).",
-              "", "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]  # fmt: skip
+    from userlens.llm.tasks import HEADLINE
+
+    tasks = list(result["scores"])
+    methods = list(result["scores"][tasks[0]])
+    lines += ["Headline metric per task: " + ", ".join(f"{t} {HEADLINE[t]}" for t in tasks)
+              + " (answers scored by the LM's likelihood; next_item among its candidates).", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]  # fmt: skip
     for method in methods:
-        lines.append(f"| {method} | " + " | ".join(f"{result['accuracy'][t][method]:.3f}" for t in tasks) + " |")
+        cells = [f"{result['scores'][t][method][HEADLINE[t]]:.3f}" for t in tasks]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -110,6 +110,28 @@ def rank_of_answer(scores: np.ndarray, answer: int) -> int:
     return int((scores >= scores[answer]).sum() - 1)
 
 
+HEADLINE = {"favourite_category": "accuracy", "next_item": "recall@10", "preference": "auc"}
+
+
+def task_metrics(task: str, scores: list[np.ndarray], questions: list[Question]) -> dict[str, float]:
+    """favourite_category: accuracy; next_item: Recall@10 and NDCG@10 over its candidates (and
+    accuracy, the target first); preference: AUC of log P(yes) - log P(no)."""
+    if not questions:
+        return {HEADLINE[task]: float("nan")}
+    ranks = np.array([rank_of_answer(s, q.answer) for s, q in zip(scores, questions, strict=True)])
+    out = {"accuracy": float(np.mean(ranks == 0))}
+    if task == "next_item":
+        out["recall@10"] = float(np.mean(ranks < 10))
+        out["ndcg@10"] = float(np.mean(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)))
+    if task == "preference":
+        from sklearn.metrics import roc_auc_score
+
+        liked = np.array([q.answer == 0 for q in questions])
+        margin = np.array([s[0] - s[1] for s in scores])
+        out["auc"] = float(roc_auc_score(liked, margin)) if 0 < liked.sum() < len(liked) else float("nan")
+    return out
+
+
 # --- questions from data/sequences --------------------------------------------------------------
 
 

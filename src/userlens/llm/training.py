@@ -2,9 +2,9 @@
 
 Each step takes `batch_size` train users and one task (drawn from the step's seeded RNG), asks each
 user that task's question with the right answer, and minimises the LM's next-token loss on
-the answer tokens only. A round's validation score is the mean accuracy over the tasks on the
-validation users (each question's choices ranked by likelihood); what fit records as the
+the answer tokens only, scored on the validation users each round; what fit records as the
 round's "embeddings" are the validation users' latents (so its collapse monitor watches them).
+The validation score is the mean over tasks of each one's headline metric (tasks.HEADLINE).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from userlens.config import UserLLMParams
 from userlens.errors import UserlensError
 from userlens.llm.conditioning import UserConditionedLM
-from userlens.llm.tasks import Question, choice_scores, encode, rank_of_answer
+from userlens.llm.tasks import HEADLINE, Question, choice_scores, encode, rank_of_answer, task_metrics
 from userlens.train import FitResult, fit
 
 
@@ -27,6 +27,12 @@ def accuracy(model, tokenizer, data, questions: list[Question], conditioned: boo
         return float("nan")
     scores = choice_scores(model, tokenizer, data, questions, conditioned)
     return float(np.mean([rank_of_answer(s, q.answer) == 0 for s, q in zip(scores, questions, strict=True)]))
+
+
+def metrics(model, tokenizer, data, task: str, questions: list[Question], conditioned: bool = True) -> dict:
+    """The task's metrics (tasks.task_metrics) on these questions."""
+    scores = choice_scores(model, tokenizer, data, questions, conditioned) if questions else []
+    return task_metrics(task, scores, questions)
 
 
 def train_conditioned(
@@ -63,8 +69,9 @@ def train_conditioned(
             latents = module.user_latents(data.batch(val_users).to(module.device))
         return latents.flatten(1).float().cpu().numpy()
 
-    def score(_: np.ndarray) -> float:
-        values = [accuracy(model, tokenizer, data, val_questions[t]) for t in tasks if val_questions.get(t)]
+    def score(_: np.ndarray) -> float:  # the mean of each task's headline metric
+        values = [metrics(model, tokenizer, data, t, val_questions[t])[HEADLINE[t]] for t in tasks
+                  if val_questions.get(t)]  # fmt: skip
         return float(np.nanmean(values)) if values else float("nan")
 
     return fit(model, step_loss, embed, score, users, settings.train, out_dir, desc="user-conditioned LM",
