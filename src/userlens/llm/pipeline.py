@@ -84,14 +84,16 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     work = versions_dir(project) / f".training-{run_key}"
     fit = train_conditioned(model, tokenizer, data, questions(train), questions(val[: settings.eval_users]),
                             settings, work, progress)  # fmt: skip
-    scores: dict[str, dict[str, float]] = {}
+    scores: dict[str, dict[str, dict[str, float]]] = {}
     asked = questions(test)
     for task in tasks:
-        scores[task] = {"no context": metrics(model, tokenizer, data, task, asked[task], conditioned=False)}
-        for n in settings.text_prompt_events:
-            prompted = questions(test, n)[task]
-            scores[task][f"text prompt (last {n} events)"] = metrics(model, tokenizer, data, task, prompted, False)
-        scores[task][f"conditioned ({settings.mode})"] = metrics(model, tokenizer, data, task, asked[task])
+        methods = {"no context": (asked[task], False)}
+        methods |= {f"text prompt (last {n} events)": (questions(test, n)[task], False)
+                    for n in settings.text_prompt_events}  # fmt: skip
+        methods[f"conditioned ({settings.mode})"] = (asked[task], True)
+        scores[task] = {name: metrics(model, tokenizer, data, task, qs, conditioned,
+                                      f"{task}: {name}" if progress else None)
+                        for name, (qs, conditioned) in methods.items()}  # fmt: skip
     version = _save_version(project, model, settings, encoder_version, language_model.identity)
     result = {
         "version": version,

@@ -77,11 +77,15 @@ def encode(tokenizer, prompts: list[str], answers: list[str], device) -> tuple[t
 
 
 def answer_logprob(model, tokenizer, data, users: list[int] | None, prompts: list[str], answers: list[str],
-                   batch_size: int = 32) -> np.ndarray:  # fmt: skip
+                   batch_size: int = 32, progress: str | None = None) -> np.ndarray:  # fmt: skip
     """Mean log-probability per token of each answer after its prompt; `users` (rows of `data`)
-    condition the model, None asks the plain LM (the no-context and text-prompt baselines)."""
+    condition the model, None asks the plain LM (the no-context and text-prompt baselines).
+    `progress`: a progress bar with this title."""
+    from tqdm.auto import tqdm
+
     out = np.empty(len(prompts), np.float64)
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
         chunk = slice(start, start + batch_size)
         ids, mask, labels = encode(tokenizer, prompts[chunk], answers[chunk], model.device)
         batch = data.batch(users[chunk]).to(model.device) if users is not None else None
@@ -96,11 +100,14 @@ def answer_logprob(model, tokenizer, data, users: list[int] | None, prompts: lis
     return out
 
 
-def choice_scores(model, tokenizer, data, questions: list[Question], conditioned: bool) -> list[np.ndarray]:
+def choice_scores(
+    model, tokenizer, data, questions: list[Question], conditioned: bool, progress: str | None = None
+) -> list[np.ndarray]:
     """Each question's score for each of its choices (higher = more likely)."""
     flat = [(q, choice) for q in questions for choice in q.choices]
     users = [q.user for q, _ in flat] if conditioned else None
-    scores = answer_logprob(model, tokenizer, data, users, [q.prompt for q, _ in flat], [c for _, c in flat])
+    prompts, answers = [q.prompt for q, _ in flat], [c for _, c in flat]
+    scores = answer_logprob(model, tokenizer, data, users, prompts, answers, progress=progress)
     bounds = np.cumsum([0] + [len(q.choices) for q in questions])
     return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 

@@ -29,9 +29,11 @@ def accuracy(model, tokenizer, data, questions: list[Question], conditioned: boo
     return float(np.mean([rank_of_answer(s, q.answer) == 0 for s, q in zip(scores, questions, strict=True)]))
 
 
-def metrics(model, tokenizer, data, task: str, questions: list[Question], conditioned: bool = True) -> dict:
-    """The task's metrics (tasks.task_metrics) on these questions."""
-    scores = choice_scores(model, tokenizer, data, questions, conditioned) if questions else []
+def metrics(
+    model, tokenizer, data, task: str, questions: list[Question], conditioned: bool = True, progress: str | None = None
+) -> dict:
+    """The task's metrics (tasks.task_metrics) on these questions (`progress`: a bar with this title)."""
+    scores = choice_scores(model, tokenizer, data, questions, conditioned, progress) if questions else []
     return task_metrics(task, scores, questions)
 
 
