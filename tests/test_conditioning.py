@@ -233,6 +233,7 @@ def test_a_few_steps_teach_the_conditioned_lm_favourite_categories(small_sequenc
     settings = UserLLMParams(mode="cross_attention", perceiver=False, latents=1, cross_attention_every=2,
                              tasks=("favourite_category",), train=TrainLoopParams(
                                  steps=200, eval_every=100, batch_size=32, lr=0.01, weight_decay=0.0))  # fmt: skip
+    torch.manual_seed(0)  # the new parts' initialisation
     model = UserConditionedLM(lm, encoder, settings)
     no_context = accuracy(model, tokenizer, data, val, conditioned=False)
 
@@ -272,6 +273,7 @@ def test_the_real_smollm2_learns_favourite_categories_from_the_user_encoder(smal
     settings = UserLLMParams(mode="cross_attention", perceiver=False, latents=1, tasks=("favourite_category",),
                              train=TrainLoopParams(steps=80, eval_every=80, batch_size=8, lr=3e-3,
                                                    weight_decay=0.0))  # fmt: skip
+    torch.manual_seed(0)  # the new parts' initialisation
     model = UserConditionedLM(language_model.model, encoder, settings)
     tokenizer = language_model.tokenizer
     no_context = accuracy(model, tokenizer, data, val, conditioned=False)

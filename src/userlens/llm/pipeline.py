@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from userlens.config import Params
 from userlens.errors import UserlensError
@@ -77,6 +78,7 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
                                   settings.train.seed) for t in tasks}  # fmt: skip
 
     language_model = load_private(settings.llm.model, settings.llm.device)
+    torch.manual_seed(settings.train.seed)  # the new parts' initialisation: a rerun trains the same version
     model = UserConditionedLM(language_model.model, encoder, settings).to(language_model.device)
     tokenizer = language_model.tokenizer
     # A crashed run resumes from its checkpoints; other settings or another encoder start afresh.
