@@ -116,14 +116,14 @@ def refresh_study(project: Path, params, llm) -> dict:
 
 def throughput_study(project: Path, params, llm, sample: int) -> dict:
     from userlens.lifelong import pipeline
-    from userlens.lifelong.summaries import TemplateSummariser, _item_lookup, _view
+    from userlens.lifelong.summaries import TemplateSummariser, _view, item_lookup
     from userlens.project import Project
     from userlens.stages import load_canonical
 
     proj = Project(project)
     tables, _ = load_canonical(proj)
     closed = pipeline.partition_store(proj, params).closed()
-    lookup = _item_lookup(tables.items)
+    lookup = item_lookup(tables.items)
     requests = [(None, _view(row, lookup, tables.rating_scale)) for row in closed.iter_rows(named=True)]
     out = {}
     started = time.perf_counter()
@@ -154,15 +154,16 @@ def truncation_study(project: Path, params) -> dict:
     from userlens.embeddings import read_embeddings
     from userlens.evaluate import build_tasks, evaluate_methods
     from userlens.lifelong import ctr
-    from userlens.lifelong.evaluate import _candidate_encoder, history_inputs
+    from userlens.lifelong.evaluate import history_inputs
     from userlens.lifelong.interest import SERVED_VARIANT
     from userlens.project import Project
+    from userlens.release import candidate_encoder
     from userlens.stages import load_canonical
 
     proj = Project(project)
     settings = params.lifelong
     tables, _ = load_canonical(proj)
-    inputs, user_ids, sequences, _ = history_inputs(proj, params, tables, _candidate_encoder(proj, params), False)
+    inputs, user_ids, sequences, _ = history_inputs(proj, params, tables, candidate_encoder(proj, params), False)
     order = np.random.default_rng(0).permutation(len(user_ids))
     fusion_users, probe_users = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
     base = handcrafted_profile(proj.sequences_dir)

@@ -221,7 +221,7 @@ def refresh_pipeline(
 def _train_and_publish_interest(project: Project, params, results: dict, progress: bool, logger) -> None:
     from userlens.lifelong.interest import skip_reason
 
-    reason = skip_reason(project, params)
+    reason = "lifelong.serve is off" if not params.lifelong.serve else skip_reason(project, params)
     if reason:
         logger.info("user_interest not trained: %s", reason)
         return

@@ -200,18 +200,18 @@ def favourite_category_questions(small_sequences):
     from userlens.data import SequenceData
     from userlens.llm.tasks import Catalogue, make_questions
     from userlens.project import Project
+    from userlens.release import candidate_encoder
     from userlens.train import ENCODER
 
     project = Project(small_sequences.parents[1])
     params = project.load_params().with_overrides({"pretrain.steps": 30})
     if not (project.model_dir("barlow_twins") / ENCODER).exists():
         stages.pretrain(project, params, progress=False)
-    data = SequenceData.load(small_sequences, params.sequences.max_length)
-    encoder = UserEncoder.for_data(params.model, data)
-    encoder.load_state_dict(torch.load(project.model_dir("barlow_twins") / ENCODER, weights_only=True)["model"])
+    encoder, vocabulary, max_length = candidate_encoder(project, params)
+    data = SequenceData.load(small_sequences, max_length, vocabulary)
     catalogue = Catalogue.load(small_sequences, pl.read_parquet(project.root / "data/canonical/items.parquet"))
     questions = make_questions("favourite_category", catalogue, small_sequences, None, np.arange(data.n_users))
-    return data, encoder.eval(), catalogue, questions
+    return data, encoder, catalogue, questions
 
 
 @pytest.mark.integration

@@ -34,7 +34,7 @@ import yaml
 
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, DataError, ServingError
-from userlens.io import atomic_file, list_vectors, read_json, save_array_atomic, utc_now, write_json_atomic
+from userlens.io import list_vectors, read_json, save_array_atomic, utc_now, write_json_atomic, write_parquet_atomic
 from userlens.locking import file_lock
 from userlens.project import Project
 
@@ -315,7 +315,7 @@ def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime,
     layout.slot_record(slot).unlink(missing_ok=True)  # from here on the slot holds nothing trusted
     path = layout.slot_parquet(slot)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_parquet_atomic(path, table)
+    write_parquet_atomic(path, table)
     view = store.get_feature_view(layout.view(slot))
     provider = store._get_provider()
     total = table.num_rows
@@ -489,11 +489,6 @@ def user_scalars(sequences_dir: Path) -> pl.DataFrame | None:
     )
 
 
-def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    with atomic_file(path) as tmp:
-        pq.write_table(table, tmp)
-
-
 def _read_online(store, view: str, user_ids: list[str], features: Sequence[str]) -> dict[str, list]:
     """One get_online_features call on one view."""
     response = store.get_online_features(features=[f"{view}:{f}" for f in features], entity_rows={"user_id": user_ids})
@@ -557,7 +552,7 @@ def refresh_set(
         changed = joined.filter(differs).select(new.columns)
         merged = pl.concat([old.join(changed, on="user_id", how="anti"), changed])
         if changed.height:
-            _write_parquet_atomic(layout.slot_parquet(slot), merged.to_arrow().cast(features.schema))
+            write_parquet_atomic(layout.slot_parquet(slot), merged.to_arrow().cast(features.schema))
             output = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
             with output:  # materialize_incremental prints its progress
                 store.materialize_incremental(end_date=now + timedelta(seconds=1), feature_views=[layout.view(slot)])

@@ -70,6 +70,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_parquet_atomic(path: Path, table: Any) -> None:
+    """A Parquet file replaced in one rename: a polars DataFrame or an Arrow table."""
+    with atomic_file(path) as tmp:
+        if hasattr(table, "write_parquet"):
+            table.write_parquet(tmp)
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, tmp)
+
+
 def save_array_atomic(path: Path, array: Any) -> None:
     """np.save, through a temporary name: readers never see half an array."""
     import numpy as np

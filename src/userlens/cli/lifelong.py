@@ -143,7 +143,8 @@ def fuse(obj: Context, evaluate, publish, stage, no_progress):
         click.echo((obj.project.reports_dir / "lifelong.md").read_text().rstrip())
         click.echo(f"\n({result['seconds']:.0f}s; reports/lifelong.json)")
     # The pipelines (--stage) follow lifelong.serve; a person asking for a version gets one if possible.
-    reason = interest.skip_reason(obj.project, params if stage else params.with_overrides({"lifelong.serve": True}))
+    off = stage and not params.lifelong.serve
+    reason = "lifelong.serve is off" if off else interest.skip_reason(obj.project, params)
     if reason:
         if publish and not stage:
             raise UserlensError(f"nothing to publish: {reason}")

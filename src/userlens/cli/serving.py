@@ -128,7 +128,7 @@ def lookup(obj: Context, user_ids, as_json, fallback, interest):
                 "user_id": uid,
                 "found": bool(ok),
                 store.layout.features.vector: None if np.isnan(vec).any() else vec.tolist(),
-            }  # fmt: skip
+            }
             for uid, ok, vec in zip(user_ids, found, vectors, strict=True)
         ]
         click.echo(json.dumps({"model_version": version, "slot": store.pointer()["slot"], "users": users}))

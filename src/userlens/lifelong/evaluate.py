@@ -65,7 +65,9 @@ def evaluate_interest(
         raise UserlensError(
             "the lifelong CTR evaluation needs ratings (a liked item is rated high): this data has none"
         )
-    encoder = _candidate_encoder(project, params)
+    from userlens.release import candidate_encoder
+
+    encoder = candidate_encoder(project, params)
     inputs, user_ids, sequences, summariser = history_inputs(project, params, tables, encoder, progress)
     base = ctr.standardised(handcrafted_profile(project.sequences_dir))
     bt = ctr.standardised(_aligned_embeddings(project.embeddings_dir / "barlow_twins.parquet", user_ids))
@@ -131,21 +133,6 @@ def history_inputs(project: Project, params: Params, tables, event_encoder, prog
     texts = store.records(summariser.identity, tag).select("user_id", "partition", "text")
     inputs = build_inputs(user_ids, closed, open_rows, texts, event_encoder, seq_dir, settings)
     return inputs, user_ids, sequences, summariser.identity
-
-
-def _candidate_encoder(project: Project, params: Params):
-    """The trained Barlow Twins encoder (data/models/barlow_twins/encoder.pt), its vocabulary and max_length."""
-    from userlens.data import SequenceData
-    from userlens.model import UserEncoder
-    from userlens.train import ENCODER
-
-    path = project.model_dir("barlow_twins") / ENCODER
-    if not path.exists():
-        raise UserlensError(f"{project.relative(path)} not found: run `userlens pretrain` first")
-    data = SequenceData.load(project.sequences_dir, params.sequences.max_length)
-    encoder = UserEncoder.for_data(params.model, data)
-    encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-    return encoder.eval(), data.item_ids, params.sequences.max_length
 
 
 def _aligned_embeddings(path: Path, user_ids: list[str]) -> np.ndarray:

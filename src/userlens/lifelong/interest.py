@@ -31,7 +31,7 @@ import torch
 
 from userlens.config import Params
 from userlens.errors import UserlensError
-from userlens.io import read_json, utc_now, write_json_atomic
+from userlens.io import read_json, utc_now, write_json_atomic, write_parquet_atomic
 from userlens.lifelong import ctr, pipeline
 from userlens.lifelong.fusion import InterestFusion, build_inputs
 from userlens.lifelong.partitions import rule_of
@@ -141,7 +141,7 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
     torch.save(state, staging / FUSION)
     write_json_atomic(staging / MANIFEST, manifest)
     rows = interest_rows(project, params, manifest, fusion, event_encoder)
-    _write_export(staging / EXPORT, rows)
+    write_parquet_atomic(staging / EXPORT, rows)
     if (folder / version).exists():  # the same weights trained within the same second: that version
         shutil.rmtree(staging)
     else:
@@ -152,12 +152,10 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
 
 
 def skip_reason(project: Project, params: Params) -> str | None:
-    """Why the pipelines (flows, dvc repro) do not train user_interest now, or None when they do."""
+    """Why no interest version can be trained now (None: one can). The pipelines also check lifelong.serve."""
     from userlens.registry import Registry
     from userlens.stages import load_canonical
 
-    if not params.lifelong.serve:
-        return "lifelong.serve is off"
     if Registry(project).production() is None:
         return "nothing is in production yet, and the fusion reads the production encoder (`userlens run`)"
     if load_canonical(project)[0].rating_scale is None:
@@ -217,13 +215,6 @@ def _user_counts(closed: pl.DataFrame, open_rows: pl.DataFrame) -> pl.DataFrame:
         n_partitions=pl.col("n_partitions").fill_null(0).cast(pl.Int64),
         interest_events=(pl.col("closed_events").fill_null(0) + pl.col("open_events").fill_null(0)).cast(pl.Int64),
     )
-
-
-def _write_export(path: Path, rows: pl.DataFrame) -> None:
-    from userlens.io import atomic_file
-
-    with atomic_file(path) as tmp:
-        rows.write_parquet(tmp)
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -291,7 +282,7 @@ def refresh_interest(project: Project, params: Params, progress: bool = False) -
         event_encoder = encoder_of(project, Registry(project).get(manifest["encoder_version"]))
         rows = interest_rows(project, params, manifest, served.fusion(), event_encoder, changed)
         merged = pl.concat([exported.join(rows.select("user_id"), on="user_id", how="anti"), rows])
-        _write_export(served.export, merged)
+        write_parquet_atomic(served.export, merged)
     refreshed = refresh_set(_layout(project, params), params.serving,
                             lambda version, at: _slot_table(served.export, at), progress)  # fmt: skip
     return {

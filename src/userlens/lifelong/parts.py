@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from userlens.io import atomic_file, read_json, utc_now, write_json_atomic
+from userlens.io import read_json, utc_now, write_json_atomic, write_parquet_atomic
 
 MANIFEST = "manifest.json"
 COMPACT_AT = 32  # files listed before `compact` merges them into one
@@ -62,8 +62,7 @@ class PartStore:
     def write_file(self, name: str, frame: pl.DataFrame) -> None:
         """A file beside the parts (not itself a part), atomically: a manifest field names it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.folder / name) as tmp:
-            frame.write_parquet(tmp)
+        write_parquet_atomic(self.folder / name, frame)
 
     def commit(self, frame: pl.DataFrame | None, **fields: Any) -> dict[str, Any]:
         """Append `frame` as the next part (when given and not empty) and set manifest `fields`;

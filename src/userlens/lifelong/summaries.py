@@ -177,7 +177,7 @@ class Summaries:
             return {"summarised": 0, "generated": 0, "rounds": 0, "seconds": 0.0, "summariser": summariser.identity}
         cache = dict(written.select("key", "text").iter_rows())
         previous = {(u, p): t for u, p, t in done.select("user_id", "partition", "text").iter_rows()}
-        lookup = _item_lookup(items)
+        lookup = item_lookup(items)
         pending = closed.sort(["user_id", "partition"]).partition_by("partition", as_dict=True, maintain_order=True)
         summarised = generated = rounds = 0
         bar = tqdm(total=closed.height, desc=f"summaries ({summariser.identity.split('|')[0]})", unit="partition",
@@ -218,7 +218,7 @@ def _latest(rows: pl.DataFrame, summariser: str | None, rule: str | None) -> pl.
     return rows.unique(subset=["user_id", "partition", "rule", "summariser"], keep="last", maintain_order=True)
 
 
-def _item_lookup(items: pl.DataFrame) -> dict[str, tuple[str, tuple[str, ...]]]:
+def item_lookup(items: pl.DataFrame) -> dict[str, tuple[str, tuple[str, ...]]]:
     """item_id -> (title, categories); a title-less item is called "item <id>"."""
     rows = items.select(
         "item_id",

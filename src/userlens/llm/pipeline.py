@@ -38,9 +38,9 @@ def versions_dir(project: Project) -> Path:
 
 def _encoder(project: Project, params: Params):
     """(encoder, its vocabulary, max_length, its model version): the trained candidate."""
-    from userlens.lifelong.evaluate import _candidate_encoder
+    from userlens.release import candidate_encoder
 
-    encoder, vocabulary, max_length = _candidate_encoder(project, params)
+    encoder, vocabulary, max_length = candidate_encoder(project, params)
     version = read_json(project.model_dir("barlow_twins") / "manifest.json").get("model_version", "unknown")
     return encoder, vocabulary, max_length, version
 

@@ -157,14 +157,14 @@ class Catalogue:
         import polars as pl
 
         from userlens.io import read_json
+        from userlens.lifelong.summaries import item_lookup
 
-        manifest = read_json(sequences_dir / "manifest.json")
-        categories = tuple(manifest["categories"])
-        known = pl.read_parquet(sequences_dir / "items.parquet", columns=["item_index", "item_id", "category_index"])
-        named = dict(items.select("item_id", "title").iter_rows()) if "title" in items.columns else {}
-        known = known.sort("item_index")
-        titles = [named.get(i) or f"item {i}" for i in known["item_id"].to_list()]
-        item_categories = [tuple(categories[c] for c in cats or ()) for cats in known["category_index"].to_list()]
+        categories = tuple(read_json(sequences_dir / "manifest.json")["categories"])
+        known = pl.read_parquet(sequences_dir / "items.parquet", columns=["item_index", "item_id"]).sort("item_index")
+        lookup = item_lookup(items)  # the names the interest summaries use too
+        described = [lookup.get(i, (f"item {i}", ())) for i in known["item_id"].to_list()]
+        titles = [title for title, _ in described]
+        item_categories = [cats for _, cats in described]
         columns = ["user_index", "history_item_index", "history_rating"]
         rows = pl.read_parquet(sequences_dir / "sequences.parquet", columns=columns).sort("user_index")
         histories = []
