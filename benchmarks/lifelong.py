@@ -8,6 +8,7 @@ benchmarks/out/lifelong-<dataset>.json (parts run separately are merged there).
     python benchmarks/lifelong.py --dataset ciao --parts ctr,truncation --llm-sample 0
     python benchmarks/lifelong.py --llm-sample 32               # LLM partitions timed
     python benchmarks/lifelong.py --parts drift                 # the CTR table on planted drift (synthetic)
+    python benchmarks/lifelong.py --parts ctr --ctr-users 250 --ctr-seeds 10 [--ctr-summaries llm]
 
 - refresh: 1 % of the users get new events (their last 20 % of events are held back, then
   appended) vs a full rebuild of log + partitions + summaries, side by side in one run: wall
@@ -16,7 +17,9 @@ benchmarks/out/lifelong-<dataset>.json (parts run separately are merged there).
   the measured LLM time per summary (and labelled so).
 - throughput: partitions/s of the template summariser (all partitions) and of the LLM on the
   CPU (a sample, batched), and on CUDA when there is a GPU;
-- ctr: `userlens fuse` with the template summaries (AUC / log loss per variant, paired);
+- ctr: `userlens fuse` with the template summaries (AUC / log loss per variant, paired); or
+  with the LLM's (`--ctr-summaries llm`; on 2 CPU cores ~5 s a partition, so `--ctr-users N`
+  runs both on a seeded sample of N users -> lifelong-<dataset>-<N>users.json);
 - truncation: the downstream tasks with user_interest (whole history) vs the truncated history;
 - drift: the CTR table on a synthetic source with planted drift -> lifelong-drift.json.
 """
@@ -238,6 +241,31 @@ def drift_study() -> dict:
     return {**result, "dataset": f"synthetic with planted drift ({DRIFT})"}
 
 
+def user_sample(source: Path, dataset: str, users: int) -> tuple[Path, list[str]]:
+    """A scratch project on a seeded sample of `users` users of the dataset's validated
+    interactions (all their events, in the generic format), and its CLI data settings. The LLM
+    summaries the full project has written are copied in as its cache: same partitions, same
+    prompts, so the same cache keys, and nothing is generated twice."""
+    import shutil
+
+    name = f"{dataset}-{users}users"
+    folder, project = OUT / f"{name}-sample", OUT / f"quality-{name}-project"  # both gitignored: private data
+    settings = ["--interactions", str(folder / "interactions.parquet"), "--set",
+                f"data.items={folder / 'items.parquet'}", "--set", f"data.dataset={name}"]  # fmt: skip
+    if not (folder / "items.parquet").exists():
+        canonical = source / "data/canonical"
+        interactions = pl.read_parquet(canonical / "interactions.parquet")
+        chosen = interactions.select(pl.col("user_id").unique().sort()).sample(users, seed=0)
+        folder.mkdir(parents=True, exist_ok=True)
+        interactions.join(chosen, on="user_id", how="semi").write_parquet(folder / "interactions.parquet")
+        pl.read_parquet(canonical / "items.parquet").write_parquet(folder / "items.parquet")
+    prepare(project, name, settings)
+    cache = project / "data/lifelong" / name / "summaries"
+    if not cache.exists():
+        shutil.copytree(source / "data/lifelong" / dataset / "summaries", cache)
+    return project, settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=list(DATASETS), default="ml-100k")
@@ -246,6 +274,9 @@ def main() -> None:
     parser.add_argument("--ctr-summaries", choices=["template", "llm"], default="template",
                         help="ctr: summaries by the template or by the LLM (then encoded by the LM's states); "
                         "the LLM's are cached as they are written, so a stopped run continues")  # fmt: skip
+    parser.add_argument("--ctr-users", type=int, default=0,
+                        help="ctr: on a seeded sample of this many users (0: all)")  # fmt: skip
+    parser.add_argument("--ctr-seeds", type=int, help="ctr: user splits (default: lifelong.ctr.seeds)")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if "drift" in parts:
@@ -259,8 +290,17 @@ def main() -> None:
     from userlens.project import Project
 
     project = OUT / f"quality-{args.dataset}-project"
-    overrides = dataset_overrides(prepare(project, args.dataset))
+    settings = prepare(project, args.dataset)
+    name = args.dataset
+    if args.ctr_users:
+        if parts != ["ctr"]:
+            parser.error("--ctr-users goes with --parts ctr")
+        project, settings = user_sample(project, args.dataset, args.ctr_users)
+        name = f"{args.dataset}-{args.ctr_users}users"
+    overrides = dataset_overrides(settings)
     proj = Project(project)
+    if args.ctr_seeds:
+        overrides["lifelong.ctr.seeds"] = args.ctr_seeds
     params = proj.load_params(overrides=overrides)
     llm = None
     if args.llm_sample and {"refresh", "throughput"} & set(parts):
@@ -270,9 +310,9 @@ def main() -> None:
         llm = make_summariser(settings.summary.model_copy(update={"summariser": "llm"}), settings.llm.model,
                               settings.llm.device)  # fmt: skip
     # Parts run separately add to (or replace their part of) the dataset's results file.
-    path = OUT / f"lifelong-{args.dataset}.json"
+    path = OUT / f"lifelong-{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
-    result.update(dataset=args.dataset, machine=machine())
+    result.update(dataset=name, machine=machine())
     pipeline.sync_log(proj, params)
     pipeline.partitions(proj, params)
     if "refresh" in parts:
@@ -328,9 +368,23 @@ def report(result: dict) -> str:
             from userlens.lifelong.evaluate import markdown
 
             lines.append(markdown(ctr))
+    if "ctr" in result and "ctr_llm" in result:
+        lines += llm_vs_template(result["ctr"], result["ctr_llm"])
     if truncation := result.get("truncation"):
         lines += truncation_table(truncation)
     return "\n".join(lines)
+
+
+def llm_vs_template(template: dict, llm: dict) -> list[str]:
+    """The interest variants with LLM summaries vs with template summaries, paired over the same splits."""
+    from scipy import stats
+
+    lines = ["**LLM vs template summaries** (same users, same splits; AUC, paired t-test over splits)", ""]
+    for variant in (v for v in llm["variants"] if "interest" in v):
+        ours, theirs = llm["variants"][variant]["auc"]["per_seed"], template["variants"][variant]["auc"]["per_seed"]
+        gain, p = 100 * (sum(ours) - sum(theirs)) / len(ours), stats.ttest_rel(ours, theirs).pvalue
+        lines.append(f"- {variant}: LLM {gain:+.2f} AUC points vs template (p = {p:.3f})")
+    return lines + [""]
 
 
 def drift_report(drift: dict) -> str:

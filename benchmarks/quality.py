@@ -55,10 +55,10 @@ STUDIES = {
 }
 
 
-def prepare(project: Path, dataset: str = "ml-100k") -> list[str]:
-    """A scratch project with the dataset taken through the data stages (reused when present);
-    returns the CLI settings that name the data."""
-    settings = DATASETS[dataset][1]
+def prepare(project: Path, dataset: str = "ml-100k", settings: list[str] | None = None) -> list[str]:
+    """A scratch project with the dataset (or the data these CLI settings name) taken through
+    the data stages (reused when present); returns the CLI settings that name the data."""
+    settings = settings or DATASETS[dataset][1]
     if (project / "data/sequences/manifest.json").exists():
         refresh_settings(project)
         return settings

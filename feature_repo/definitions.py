@@ -1,10 +1,11 @@
 """Feast definitions for serving user features (definitions only: Feast imports every .py file here).
 
-Two feature sets, each in two slots, blue and green: a FileSource + FeatureView + FeatureService
+Three feature sets, each in two slots, blue and green: a FileSource + FeatureView + FeatureService
 per slot with the same schema. A publish writes the new version into the slot that is not
 served, checks it, then flips the set's serving pointer; readers read only the served slot.
 - user_embeddings: the served Barlow Twins model version (pointer data/feast/serving.json);
-- user_interest: the lifelong interest vector (LIBER), (pointer data/feast/interest.json).
+- user_interest: the lifelong interest vector (LIBER), (pointer data/feast/interest.json);
+- user_context: the latents a user-conditioned LM reads (User-LLM), (pointer data/feast/context.json).
 """
 
 from datetime import timedelta
@@ -52,6 +53,12 @@ INTEREST_FEATURES = [
     Field(name="interest_events", dtype=Int64),  # events the vector has seen (closed + open cache)
 ]
 
+CONTEXT_FEATURES = [
+    Field(name="user_context", dtype=Array(Float32)),  # k latents of width d, flattened: k x d floats
+    Field(name="context_version", dtype=String),  # the conditioned-LM version whose latents these are
+    Field(name="context_latents", dtype=Int64),  # k
+]
+
 user_embeddings_blue, user_embeddings_blue_service = slot_view(
     "user_embeddings", "blue", "", EMBEDDING_FEATURES, "User embeddings of one model version"
 )
@@ -63,4 +70,10 @@ user_interest_blue, user_interest_blue_service = slot_view(
 )
 user_interest_green, user_interest_green_service = slot_view(
     "user_interest", "green", "interest-", INTEREST_FEATURES, "Lifelong user_interest of one interest version"
+)
+user_context_blue, user_context_blue_service = slot_view(
+    "user_context", "blue", "context-", CONTEXT_FEATURES, "User-conditioned LM latents of one conditioner version"
+)
+user_context_green, user_context_green_service = slot_view(
+    "user_context", "green", "context-", CONTEXT_FEATURES, "User-conditioned LM latents of one conditioner version"
 )

@@ -5,7 +5,8 @@ pretraining -> baselines -> downstream evaluation -> gate -> register -> promote
 the online store, then move the production alias).
 Then, with lifelong.serve, user_interest: an interest version trained on the production
 encoder (lifelong/interest.py) and served beside the embeddings. With user_llm.enabled (off
-by default), the user-conditioned LM is trained after the baselines (llm/pipeline.py).
+by default), the user-conditioned LM is trained after the baselines (llm/pipeline.py), and
+its latents are served as user_context (llm/serving.py) when the gate promoted its encoder.
 `refresh_pipeline`: the faster scheduled job: new raw data -> sequences -> the production
 encoder re-embeds the users -> incremental materialization into the online store; the users
 with new events get new partitions, summaries and user_interest, materialised incrementally.
@@ -133,11 +134,18 @@ def refresh(project: Project, params, embeddings: Path, progress: bool) -> dict:
     return feature_store.refresh(project, params, embeddings=embeddings, progress=progress)
 
 
-@task(cache_policy=NO_CACHE)
+@task(**_dvc_stage("condition"))
 def condition_lm(project: Project, params, progress: bool) -> dict:
     from userlens.llm.pipeline import condition
 
     return condition(project, params, progress=progress)
+
+
+@task(**RETRY, cache_policy=NO_CACHE)  # a store write: a retry can help
+def publish_context(project: Project, params, version: str, progress: bool) -> dict:
+    from userlens.llm.serving import publish_context
+
+    return publish_context(project, params, version, progress=progress)
 
 
 @task(cache_policy=NO_CACHE)
@@ -182,13 +190,14 @@ def training_pipeline(
         results["pretrain"] = _run_step(pretrain, "pretrain", project, params, progress)
         results["baselines"] = _run_step(train_baselines, "baselines", project, params, progress)
         if params.user_llm.enabled:  # the user-conditioned LM (off by default: minutes of CPU)
-            results["user_llm"] = condition_lm(project, params, progress)
+            results["user_llm"] = _run_step(condition_lm, "condition", project, params, progress)
         _run_step(evaluate, "evaluate", project, params, progress)
         decision = results["gate"] = gate(project, params)
         results["register"] = register(project, params)
         if decision["passed"]:
             results["promote"] = promote(project, params, progress)
         _train_and_publish_interest(project, params, results, progress, logger)
+        _publish_context(project, params, results, progress, logger)
         _publish_run_report(project, params, results, logger)
     if not decision["passed"]:  # not a crash: the run did its job and kept production as it was
         logger.warning("%s", decision["summary"])
@@ -227,6 +236,21 @@ def _train_and_publish_interest(project: Project, params, results: dict, progres
         return
     trained = results["interest"] = train_interest(project, params, progress)
     trained["published"] = publish_interest(project, params, trained["version"], progress)
+
+
+def _publish_context(project: Project, params, results: dict, progress: bool, logger) -> None:
+    """The conditioned LM's latents, served once the encoder it read is the production one."""
+    from userlens.llm.serving import served_context, skip_reason
+
+    if "user_llm" not in results:
+        return
+    trained = results["user_llm"]
+    served = served_context(project, params)
+    reason = "already served" if served and served["model_version"] == trained["version"] else None
+    if reason := reason or skip_reason(project, trained["version"]):
+        logger.info("user_context not published: %s", reason)
+        return
+    trained["published"] = publish_context(project, params, trained["version"], progress)
 
 
 def _prepare_data(project: Project, params, results: dict, progress: bool, logger) -> None:

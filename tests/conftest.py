@@ -156,3 +156,22 @@ def small_sequences(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small-sequences") / "project"
     synthetic = {"n_users": 400, "n_items": 300, "n_categories": 8, "mean_events_per_user": 40}
     return build_sequences_project(root, synthetic) / "data" / "sequences"
+
+
+def promote_candidate(project, params) -> str:
+    """Register the trained Barlow Twins candidate and make it production (as a passed gate
+    would, without the evaluation); returns its model version."""
+    from userlens.io import read_json
+    from userlens.registry import Registry
+    from userlens.train import ENCODER
+
+    model_dir = project.model_dir("barlow_twins")
+    manifest = read_json(model_dir / "manifest.json")
+    registry = Registry(project)
+    registry.register(manifest["model_version"], checkpoint=model_dir / ENCODER,
+                      embeddings=project.embeddings_dir / "barlow_twins.parquet", metrics={}, params=params,
+                      raw_dvc_hash=manifest["raw_dvc_hash"], git_revision=None,
+                      files={"items.parquet": project.sequences_dir / "items.parquet"},
+                      extra={"dataset": params.data.dataset})  # fmt: skip
+    registry.set_production(manifest["model_version"], reason="test")
+    return manifest["model_version"]

@@ -81,7 +81,7 @@ def test_a_soft_prompt_puts_k_user_vectors_after_the_first_token_and_masks_their
     users = batch_of([3, 5])
     out = model(users, ids, mask, labels)
     assert out.logits.shape == (2, 3 + 6, 50)
-    logits = model.text_logits(out.logits, users)
+    logits = model.text_logits(out.logits, True)
     assert logits.shape == (2, 6, 50)
     answer = logits[:, 3:5].log_softmax(-1).gather(-1, ids[:, 4:, None]).squeeze(-1)
     assert torch.allclose(out.loss, -answer.mean(), atol=1e-5)  # only the answer tokens count
@@ -100,6 +100,30 @@ def test_only_the_new_parts_train_and_the_lm_is_not_in_the_state():
     assert not any(weight.requires_grad for weight in lm.parameters())
     tuned = UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(mode="soft_prompt", tune_encoder=True))
     assert any(name.startswith("encoder.") and w.requires_grad for name, w in tuned.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["soft_prompt", "cross_attention"])
+def test_a_model_without_its_encoder_answers_from_stored_latents_as_the_whole_model_does(mode):
+    """Serving builds the model without the encoder and feeds it the latents Feast holds."""
+    settings = UserLLMParams(mode=mode, cross_attention_every=2, perceiver=True, latents=2)
+    whole = UserConditionedLM(tiny_llama(), tiny_encoder(), settings)
+    for block in whole.blocks:  # open the gates, or cross-attention would be the plain LM
+        torch.nn.init.constant_(block.attend_gate, 0.5)
+    users = batch_of([3, 5])
+    with torch.no_grad():
+        latents = whole.user_latents(users)
+    state = {k: v for k, v in whole.state_dict().items() if not k.startswith("encoder.")}
+    served = UserConditionedLM(tiny_llama(), None, settings, user_dim=16)
+    served.load_state_dict(state)
+    ids, mask = text()
+    expected = whole(users, ids, mask).logits
+    assert torch.allclose(served(None, ids, mask, latents=latents).logits, expected, atol=1e-6)
+    assert not torch.allclose(served(None, ids, mask).logits[:, :6], expected[:, :6])  # the latents matter
+    with pytest.raises(ValueError, match="without an encoder"):
+        served.user_latents(users)
+    first = ids[:1, : int(mask[0].sum())]
+    tokens = served.generate(first, torch.ones_like(first), latents[:1], max_new_tokens=3)
+    assert tokens.shape == (1, 3)
 
 
 def test_settings_that_cannot_work_are_refused():
@@ -124,6 +148,15 @@ def word_tokenizer(words: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
 
 
+def tiny_lm_folder(folder, words: list[str]):
+    """A local causal-LM folder (tiny llama + word tokenizer) standing in for SmolLM2: any
+    local model folder is accepted as user_llm.llm.model."""
+    tokenizer = word_tokenizer(words)
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 class PlantedLM(torch.nn.Module):
     """A stand-in LM whose next-token distribution always favours the `planted` tokens."""
 
@@ -139,11 +172,13 @@ class PlantedLM(torch.nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, inputs_embeds, attention_mask, labels=None):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None, past_key_values=None,
+                use_cache=False):  # fmt: skip
         from types import SimpleNamespace
 
-        B, L, _ = inputs_embeds.shape
-        return SimpleNamespace(logits=self.bias.expand(B, L, -1).clone(), loss=None)
+        B, L = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        cache = SimpleNamespace(batch_repeat_interleave=lambda n: None)  # it keeps no state to repeat
+        return SimpleNamespace(logits=self.bias.expand(B, L, -1).clone(), loss=None, past_key_values=cache)
 
 
 def test_candidate_scoring_ranks_the_planted_answer_first():
@@ -157,6 +192,32 @@ def test_candidate_scoring_ranks_the_planted_answer_first():
     scores = choice_scores(model, tokenizer, None, questions, conditioned=False)
     assert [rank_of_answer(s, q.answer) for s, q in zip(scores, questions, strict=True)] == [0, 0]
     assert rank_of_answer(scores[0], 0) > 0 and rank_of_answer(scores[1], 0) > 0
+
+
+@pytest.mark.parametrize("mode", ["soft_prompt", "cross_attention", None])
+def test_scoring_answers_on_a_shared_prompt_cache_equals_the_full_forward(mode):
+    """answer_logprobs (the prompt once, its cache shared by every answer) gives each answer
+    the mean log-probability the full forward pass's answer loss gives."""
+    settings = UserLLMParams(mode=mode or "soft_prompt", cross_attention_every=2, perceiver=True, latents=2)
+    model = UserConditionedLM(tiny_llama(), tiny_encoder(), settings)
+    for block in model.blocks:
+        torch.nn.init.constant_(block.attend_gate, 0.5)
+    user = batch_of([4]) if mode else None
+    with torch.no_grad():
+        latents = model.user_latents(user) if mode else None
+    prompt = torch.tensor([[5, 9, 3, 7, 11]])
+    answers = [[20, 21, 22], [30], [40, 41]]
+    padded = torch.zeros(3, 3, dtype=torch.long)
+    mask = torch.zeros(3, 3, dtype=torch.long)
+    for i, a in enumerate(answers):
+        padded[i, : len(a)], mask[i, : len(a)] = torch.tensor(a), 1
+    shared = model.answer_logprobs(prompt, padded, mask, latents)
+    for i, answer in enumerate(answers):
+        ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
+        labels = torch.cat([torch.full_like(prompt, -100), torch.tensor([answer])], dim=1)
+        with torch.no_grad():
+            loss = model(user, ids, torch.ones_like(ids), labels).loss
+        assert shared[i].item() == pytest.approx(-loss.item(), abs=1e-5)
 
 
 def test_task_metrics_rank_candidates_and_read_yes_no_margins():
@@ -302,10 +363,7 @@ def test_userlens_condition_trains_scores_and_keeps_a_version(small_sequences, t
     if not (project.model_dir("barlow_twins") / ENCODER).exists():
         stages.pretrain(project, project.load_params().with_overrides({"pretrain.steps": 30}), progress=False)
     categories = json.loads((small_sequences / "manifest.json").read_text())["categories"]
-    tokenizer = word_tokenizer(QUESTIONS["favourite_category"].split() + list(categories))
-    folder = tmp_path / "tiny-lm"
-    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tiny_lm_folder(tmp_path / "tiny-lm", QUESTIONS["favourite_category"].split() + list(categories))
     settings = {"llm.model": str(folder), "llm.device": "cpu", "mode": "cross_attention", "cross_attention_every": "2",
                 "perceiver": "false",
                 "latents": "1", "tasks": '["favourite_category"]', "text_prompt_events": "[3]", "eval_users": "20",
@@ -321,3 +379,29 @@ def test_userlens_condition_trains_scores_and_keeps_a_version(small_sequences, t
     saved = torch.load(project.root / "data/user_llm" / report["version"] / "conditioner.pt", weights_only=True)
     assert saved["model"] and not any(name.startswith("lm.") for name in saved["model"])
     assert any(name.startswith("blocks.") for name in saved["model"])
+
+
+def test_lora_adapters_start_as_the_lm_train_with_the_new_parts_and_round_trip():
+    from userlens.config import LoraParams
+    from userlens.errors import ConfigError
+
+    settings = UserLLMParams(mode="cross_attention", cross_attention_every=2, lora=LoraParams(rank=2))
+    lm = tiny_llama()
+    ids, mask = text()
+    plain = lm(input_ids=ids, attention_mask=mask).logits.detach()
+    model = UserConditionedLM(lm, tiny_encoder(), settings)
+    users = batch_of([3, 5])
+    assert torch.equal(model(users, ids, mask).logits, plain)  # gates 0 and LoRA's B 0: the LM itself
+    trainable = {name for name, weight in model.named_parameters() if weight.requires_grad}
+    assert any(name.startswith("lora.") for name in trainable) and len(model.lora) == 2 * 4  # q and v, 4 layers
+    assert all(name.startswith(("lora.", "blocks.")) for name in trainable)
+    optimiser = torch.optim.SGD([w for w in model.parameters() if w.requires_grad], lr=1.0)
+    model(users, ids, mask, labels=ids).loss.backward()
+    optimiser.step()
+    tuned = model(users, ids, mask).logits.detach()
+    assert not torch.allclose(tuned, plain)
+    again = UserConditionedLM(tiny_llama(), tiny_encoder(), settings)
+    again.load_state_dict(model.state_dict())
+    assert torch.allclose(again(users, ids, mask).logits, tuned, atol=1e-6)
+    with pytest.raises(ConfigError, match="lora.targets"):
+        UserConditionedLM(tiny_llama(), tiny_encoder(), UserLLMParams(lora=LoraParams(rank=2, targets=("nope",))))

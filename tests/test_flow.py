@@ -60,6 +60,15 @@ def served(project, user_ids: list[str]):
 
 
 def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(prefect_server, project):
+    from test_conditioning import tiny_lm_folder
+    from userlens.llm.tasks import QUESTIONS
+
+    # The user-conditioned LM on (off by default), with a tiny local model folder as its LM.
+    lm = tiny_lm_folder(project.parent / "tiny-lm", QUESTIONS["favourite_category"].split())
+    set_params(project, {"user_llm": {"enabled": True, "llm": {"model": str(lm), "device": "cpu"},
+                                      "cross_attention_every": 2, "tasks": ["favourite_category"],
+                                      "text_prompt_events": [3], "eval_users": 20,
+                                      "train": {"steps": 4, "eval_every": 4, "batch_size": 8}}})  # fmt: skip
     flow = load_flow(Project(project))
     state = flow(project_dir=str(project), progress=False, return_state=True)
     assert state.is_completed() and state.name == "Completed"
@@ -92,10 +101,17 @@ def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(pr
     assert json.loads((project / "data/feast/interest.json").read_text())["model_version"] == interest["version"]
     assert f"user_interest {interest['version']}" in report and f"userlens lookup {ids[0]} --interest" in report
 
+    # The conditioned LM: trained on the candidate, its latents served once the gate promoted it.
+    conditioned = results["user_llm"]
+    context = json.loads((project / "data/feast/context.json").read_text())
+    assert conditioned["encoder"] == version and conditioned["published"]["users"] == 200
+    assert context["model_version"] == conditioned["version"]
+
     # A second run with nothing changed skips every expensive step.
     again = flow(project_dir=str(project), progress=False, return_state=True)
     states = task_states(again)
     assert {step: states[step] for step in CACHED_STEPS} == {step: "Cached" for step in CACHED_STEPS}
+    assert states["condition"] == "Cached" and "published" not in again.result()["user_llm"]  # already served
     assert again.result()["pretrain"] == results["pretrain"] and again.result()["gate"]["passed"]
     assert "already in production" in again.result()["promote"]["message"]
 
@@ -130,6 +146,8 @@ def test_flow_gates_registers_promotes_caches_and_blocks_a_degraded_candidate(pr
     assert registry.get(decision["model_version"]).gate_passed is False  # registered, with its decision
     after, found_after, version_after = served(project, ids[:5])
     assert version_after == version and np.array_equal(after, vectors)
+    assert "published" not in blocked.result()["user_llm"]  # its encoder is not in production
+    assert json.loads((project / "data/feast/context.json").read_text()) == context
     assert "BLOCKED" in latest_artifact("run-report")
     assert "Blocked" in flow_names_of_runs()
 

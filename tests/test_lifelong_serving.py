@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_sequences_project
+from conftest import build_sequences_project, promote_candidate
 from userlens.cli import cli
 from userlens.project import Project
 
@@ -28,24 +28,13 @@ def project(tmp_path_factory) -> Path:
     """Sequences, a 12-step Barlow Twins encoder registered and in production, the lifelong
     log and partitions; nothing served yet."""
     from userlens import stages
-    from userlens.io import read_json
-    from userlens.registry import Registry
-    from userlens.train import ENCODER
 
     synthetic = {"n_users": 240, "n_items": 200, "n_categories": 6, "mean_events_per_user": 45}
     root = build_sequences_project(tmp_path_factory.mktemp("interest") / "project", synthetic)
     proj = Project(root)
     params = proj.load_params().with_overrides({"pretrain.steps": 12, "lifelong.ctr.epochs": 4})
     stages.pretrain(proj, params, progress=False)
-    model_dir = proj.model_dir("barlow_twins")
-    manifest = read_json(model_dir / "manifest.json")
-    registry = Registry(proj)
-    registry.register(manifest["model_version"], checkpoint=model_dir / ENCODER,
-                      embeddings=proj.embeddings_dir / "barlow_twins.parquet", metrics={}, params=params,
-                      raw_dvc_hash=manifest["raw_dvc_hash"], git_revision=None,
-                      files={"items.parquet": proj.sequences_dir / "items.parquet"},
-                      extra={"dataset": params.data.dataset})  # fmt: skip
-    registry.set_production(manifest["model_version"], reason="test")
+    promote_candidate(proj, params)
     assert invoke(root, "partitions").exit_code == 0
     return root
 

@@ -296,6 +296,14 @@ class LifelongParams(_Section):
     ctr: CTRParams = CTRParams()
 
 
+class LoraParams(_Section):
+    """LoRA adapters on the conditioned LM's attention (peft): the third way to condition, off by default."""
+
+    rank: int = Field(0, ge=0)  # 0 = off: the LM stays exactly as loaded
+    alpha: float = Field(16.0, gt=0)
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names in the LM's layers (llama's)
+
+
 class UserLLMParams(_Section):
     """A language model conditioned on the user encoder (after User-LLM): userlens.llm.conditioning."""
 
@@ -307,6 +315,7 @@ class UserLLMParams(_Section):
     perceiver_layers: int = Field(2, gt=0)
     cross_attention_every: int = Field(5, gt=0)  # a gated block before every n-th decoder layer
     tune_encoder: bool = False  # train the user encoder too (default: frozen, only the new parts train)
+    lora: LoraParams = LoraParams()
     # trained on (a task per step) and scored; preference needs ratings
     tasks: tuple[Literal["favourite_category", "next_item", "preference"], ...] = (
         "favourite_category", "next_item", "preference")  # fmt: skip

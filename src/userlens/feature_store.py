@@ -83,6 +83,9 @@ EMBEDDINGS = FeatureSet("user_embeddings", "embedding", "model_version", ("n_eve
 # n_partitions: closed partitions fused; interest_events: events the vector has seen (closed + open cache).
 INTEREST = FeatureSet("user_interest", "user_interest", "interest_version", ("n_partitions", "interest_events"),
                       "interest.json", "interest-", "userlens materialize --interest")  # fmt: skip
+# user_context: a user-conditioned LM's k latents of width d, flattened (k x d floats); context_latents: k.
+CONTEXT = FeatureSet("user_context", "user_context", "context_version", ("context_latents",), "context.json",
+                     "context-", "userlens materialize --context")  # fmt: skip
 
 
 # --- where things live and how Feast is configured ----------------------------------------------

@@ -97,6 +97,23 @@ def load_canonical(project: Project) -> tuple[CanonicalTables, dict]:
     return CanonicalTables(**frames, rating_scale=scale, rating_scale_origin=manifest["rating_scale_origin"]), manifest
 
 
+@dataclasses.dataclass(frozen=True)
+class ItemTables:
+    """What item readers need of data/canonical: the items table and the rating scale."""
+
+    items: pl.DataFrame
+    rating_scale: tuple[float, float] | None
+
+
+def load_items(project: Project) -> ItemTables:
+    """The canonical items and rating scale, without reading the interactions (load_canonical reads all)."""
+    folder = project.canonical_dir
+    if not (folder / MANIFEST).exists():
+        raise UserlensError(f"no canonical tables in {project.relative(folder)}: run `userlens ingest` first")
+    scale = read_json(folder / MANIFEST)["rating_scale"]
+    return ItemTables(pl.read_parquet(folder / "items.parquet"), tuple(scale) if scale else None)
+
+
 def validate(project: Project, params: Params, now: int | None = None):
     """Run the GX suites on data/canonical; write reports/validation.json, Data Docs and, when
     it passes, reports/quarantine/interactions.parquet (the rows the repair rules drop).

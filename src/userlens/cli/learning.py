@@ -175,11 +175,13 @@ def _invocation() -> str:
 
 
 @cli.command()
+@click.option("--publish", is_flag=True, help="Then serve the version's latents as user_context (Feast), when "
+              "its encoder is the production one.")  # fmt: skip
 @click.option("--stage", is_flag=True, help="As the pipelines run it (dvc.yaml): a no-op, exit 0, unless "
-              "user_llm.enabled.")  # fmt: skip
+              "user_llm.enabled (reports/user_llm.json then says it is off).")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
 @click.pass_obj
-def condition(obj: Context, stage, no_progress):
+def condition(obj: Context, publish, stage, no_progress):
     """Train a language model conditioned on the user encoder (User-LLM) and score it.
 
     \b
@@ -188,20 +190,35 @@ def condition(obj: Context, stage, no_progress):
     from a Perceiver or the pooled embedding) trains on the train users' questions
     (user_llm.tasks). On held-out users it is scored against the same LM without the user
     and with the user's last N events in the prompt -> reports/user_llm.json and .md; the
-    trained parts -> data/user_llm/<version>/. Reads the trained Barlow Twins candidate.
+    trained parts and every user's latents -> data/user_llm/<version>/. Reads the trained
+    Barlow Twins candidate; --publish serves the latents (`userlens ask` reads them) once
+    that candidate is in production.
 
     \b
     Examples:
       userlens condition
+      userlens condition --publish
       userlens --set user_llm.mode=cross_attention --set user_llm.latents=4 condition
       userlens --set user_llm.llm.model=/models/Qwen2.5-0.5B-Instruct condition
     """
+    from userlens.errors import UserlensError
+    from userlens.io import utc_now, write_json_atomic
+    from userlens.llm.pipeline import candidate_version
     from userlens.llm.pipeline import condition as run_condition
+    from userlens.llm.serving import not_servable, publish_context
 
     params = obj.params()
     if stage and not params.user_llm.enabled:
-        click.echo("user_llm.enabled is off: no conditioned LM trained (`userlens condition` trains one anyway)")
+        message = "user_llm.enabled is off: no conditioned LM trained (`userlens condition` trains one anyway)"
+        write_json_atomic(obj.project.reports_dir / "user_llm.json",
+                          {"enabled": False, "reason": message, "created_at": utc_now()})  # fmt: skip
+        click.echo(message)
         return
+    if publish and (reason := not_servable(obj.project, candidate_version(obj.project))):
+        raise UserlensError(f"--publish: {reason}")  # said before minutes of training, not after
     result = run_condition(obj.project, params, progress=not no_progress)
     click.echo((obj.project.reports_dir / "user_llm.md").read_text().rstrip())
     click.echo(f"\n({result['seconds']:.0f}s; reports/user_llm.json, data/user_llm/{result['version']}/)")
+    if publish:
+        done = publish_context(obj.project, params, result["version"], progress=not no_progress)
+        click.echo(f"serving user_context {done['model_version']} from slot {done['slot']} ({done['users']:,} users)")

@@ -1,4 +1,4 @@
-"""The serving commands: materialize, lookup, similar, serve.
+"""The serving commands: materialize, ask, lookup, similar, serve.
 
 They work on the Feast online store: publishing in src/userlens/feature_store.py, reading in src/userlens/serving.py.
 """
@@ -28,9 +28,20 @@ from userlens.errors import UserlensError
     is_flag=True,
     help="Lifelong user_interest instead: the latest interest version (--version: another one).",
 )
+@click.option(
+    "--context",
+    is_flag=True,
+    help="The user-conditioned LM's user_context latents instead: the latest version (--version: another one).",
+)
+@click.option(
+    "--stage",
+    is_flag=True,
+    help="With --context, as the pipelines run it (dvc.yaml): exit 0 and say "
+    "why when there is nothing to publish (user_llm.enabled off, or no version on the production encoder).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
 @click.pass_obj
-def materialize(obj: Context, model_version, embeddings, incremental, interest, no_progress):
+def materialize(obj: Context, model_version, embeddings, incremental, interest, context, stage, no_progress):
     """Publish user embeddings to the Feast online store, with a consistent cut-over.
 
     The version is written into the slot that is not served, checked, then the serving pointer
@@ -45,6 +56,10 @@ def materialize(obj: Context, model_version, embeddings, incremental, interest, 
     served interest version up to date with new events: only the users who have them are
     re-summarised, re-fused and re-materialised.
 
+    --context serves the latents of a user-conditioned LM version (`userlens condition` trains
+    one) as `user_context` (data/feast/context.json), for `userlens ask`; only a version
+    trained on the production encoder is served.
+
     \b
     Examples:
       userlens materialize
@@ -53,14 +68,22 @@ def materialize(obj: Context, model_version, embeddings, incremental, interest, 
       userlens materialize --incremental
       userlens materialize --interest
       userlens materialize --interest --incremental
+      userlens materialize --context
     """
     from userlens import feature_store
     from userlens.locking import project_lock
     from userlens.registry import Registry
 
     params = obj.params()
+    if interest and context:
+        raise click.UsageError("--interest and --context publish different feature sets: pass one")
+    if stage and not context:
+        raise click.UsageError("--stage goes with --context")
     if interest:
         _materialize_interest(obj, params, model_version, embeddings, incremental, not no_progress)
+        return
+    if context:
+        _materialize_context(obj, params, model_version, embeddings, incremental, stage, not no_progress)
         return
     with project_lock(obj.project, "userlens materialize"):
         if incremental:
@@ -100,13 +123,62 @@ def _materialize_interest(obj: Context, params, version, embeddings, incremental
                f"{done['online_store']})")  # fmt: skip
 
 
+def _materialize_context(obj: Context, params, version, embeddings, incremental, stage, progress) -> None:
+    from userlens.llm import serving as llm_serving
+    from userlens.locking import project_lock
+
+    if embeddings is not None or incremental:
+        raise click.UsageError("--context publishes a conditioned-LM version (--version), whole")
+    if stage:
+        reason = "user_llm.enabled is off" if not params.user_llm.enabled else None
+        reason = reason or llm_serving.skip_reason(obj.project, version)
+        if reason:
+            click.echo(f"user_context not published: {reason}")
+            return
+    with project_lock(obj.project, "userlens materialize --context"):
+        done = llm_serving.publish_context(obj.project, params, version, progress)
+    click.echo(f"serving user_context {done['model_version']} from slot {done['slot']} ({done['users']:,} users, "
+               f"{done['online_store']})")  # fmt: skip
+
+
+@cli.command()
+@click.argument("user_id")
+@click.argument("question")
+@click.option("--max-new-tokens", type=click.IntRange(1, 512), default=48, show_default=True,
+              help="Cap on the answer's length (greedy decoding).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print user, question, answer and version as JSON.")
+@click.pass_obj
+def ask(obj: Context, user_id, question, max_new_tokens, as_json):
+    """Ask the user-conditioned LM a question about a served user.
+
+    The user's latents are read from the online store (user_context, published by
+    `userlens materialize --context`); the served conditioned-LM version and its language
+    model answer, greedily. An unknown user is an error.
+
+    \b
+    Examples:
+      userlens ask 42 "Which kind of film would this user enjoy tonight?"
+      userlens ask 42 "Which category of items will this user choose most often next?" --json
+    """
+    from dataclasses import asdict
+
+    from userlens.llm.serving import PersonalLM
+
+    answer = PersonalLM(obj.project, obj.params()).ask(user_id, question, max_new_tokens)
+    if as_json:
+        click.echo(json.dumps(asdict(answer)))
+        return
+    click.echo(f"{answer.text}\n(user {answer.user_id}, conditioned LM {answer.version})")
+
+
 @cli.command()
 @click.argument("user_ids", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print version, found flags and full vectors as JSON.")
 @click.option("--fallback", type=click.Choice(["mean", "zeros", "none"]), help="Override serving.fallback.")
 @click.option("--interest", is_flag=True, help="Read the served lifelong user_interest vectors instead.")
+@click.option("--context", is_flag=True, help="Read the served user_context latents (k x d, flattened) instead.")
 @click.pass_obj
-def lookup(obj: Context, user_ids, as_json, fallback, interest):
+def lookup(obj: Context, user_ids, as_json, fallback, interest, context):
     """Look users up in the online store (the served model version only).
 
     Unknown users are flagged (found: false) and get the fallback vector.
@@ -116,11 +188,15 @@ def lookup(obj: Context, user_ids, as_json, fallback, interest):
       userlens lookup 42 17
       userlens lookup 42 --json
       userlens lookup 42 --interest
+      userlens lookup 42 --context
     """
     from userlens import serving
-    from userlens.feature_store import EMBEDDINGS, INTEREST
+    from userlens.feature_store import CONTEXT, EMBEDDINGS, INTEREST
 
-    store = serving.reader(obj.project, obj.params(), fallback, INTEREST if interest else EMBEDDINGS)
+    if interest and context:
+        raise click.UsageError("--interest and --context read different feature sets: pass one")
+    features = INTEREST if interest else CONTEXT if context else EMBEDDINGS
+    store = serving.reader(obj.project, obj.params(), fallback, features)
     vectors, found, version = store.get(user_ids)
     if as_json:
         users = [
@@ -133,7 +209,8 @@ def lookup(obj: Context, user_ids, as_json, fallback, interest):
         ]
         click.echo(json.dumps({"model_version": version, "slot": store.pointer()["slot"], "users": users}))
         return
-    click.echo(f"{'interest' if interest else 'model'} version {version} (d={vectors.shape[1]})")
+    kind = "interest" if interest else "context" if context else "model"
+    click.echo(f"{kind} version {version} (d={vectors.shape[1]})")
     for uid, ok, vec in zip(user_ids, found, vectors, strict=True):
         preview = ", ".join(f"{x:.4f}" for x in vec[:4])
         click.echo(f"{uid}\t{'found' if ok else 'unknown (' + store.fallback + ')'}\t[{preview}, ...]")

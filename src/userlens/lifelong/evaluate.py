@@ -56,11 +56,11 @@ def evaluate_interest(
     """CTR AUC / log loss of each variant over `lifelong.ctr.seeds` user splits."""
     from scipy import stats
 
-    from userlens.stages import load_canonical
+    from userlens.stages import load_items
 
     started = time.perf_counter()
     settings = params.lifelong
-    tables, _ = load_canonical(project)
+    tables = load_items(project)
     if tables.rating_scale is None:
         raise UserlensError(
             "the lifelong CTR evaluation needs ratings (a liked item is rated high): this data has none"

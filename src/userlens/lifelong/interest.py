@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +30,7 @@ import torch
 
 from userlens.config import Params
 from userlens.errors import UserlensError
-from userlens.io import read_json, utc_now, write_json_atomic, write_parquet_atomic
+from userlens.io import atomic_dir, read_json, utc_now, write_json_atomic, write_parquet_atomic
 from userlens.lifelong import ctr, pipeline
 from userlens.lifelong.fusion import InterestFusion, build_inputs
 from userlens.lifelong.partitions import rule_of
@@ -93,7 +92,7 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
     from userlens.lifelong.evaluate import history_inputs
     from userlens.registry import Registry
     from userlens.release import encoder_of
-    from userlens.stages import load_canonical
+    from userlens.stages import load_items
 
     started = time.perf_counter()
     production = Registry(project).production()
@@ -104,7 +103,7 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
         )
     settings = params.lifelong
     _bring_up_to_date(project, params, progress)
-    tables, _ = load_canonical(project)
+    tables = load_items(project)
     if tables.rating_scale is None:
         raise UserlensError("user_interest trains on liked items (rated high): this data has no ratings")
     event_encoder = encoder_of(project, production)
@@ -134,18 +133,11 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
         },
         "trained_on": {"variant": SERVED_VARIANT, "users": len(user_ids), "examples": int(len(data.label))},
     }
-    folder = versions_dir(project, params)
-    staging = folder / f".{version}.partial"  # a version appears whole or not at all
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    torch.save(state, staging / FUSION)
-    write_json_atomic(staging / MANIFEST, manifest)
-    rows = interest_rows(project, params, manifest, fusion, event_encoder)
-    write_parquet_atomic(staging / EXPORT, rows)
-    if (folder / version).exists():  # the same weights trained within the same second: that version
-        shutil.rmtree(staging)
-    else:
-        staging.rename(folder / version)
+    with atomic_dir(versions_dir(project, params) / version) as staging:  # appears whole or not at all
+        torch.save(state, staging / FUSION)
+        write_json_atomic(staging / MANIFEST, manifest)
+        rows = interest_rows(project, params, manifest, fusion, event_encoder)
+        write_parquet_atomic(staging / EXPORT, rows)
     log.info("interest version %s: %d users", version, rows.height)
     return {"version": version, "users": rows.height, "encoder_version": production.version,
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
@@ -154,11 +146,11 @@ def train_interest(project: Project, params: Params, progress: bool = True) -> d
 def skip_reason(project: Project, params: Params) -> str | None:
     """Why no interest version can be trained now (None: one can). The pipelines also check lifelong.serve."""
     from userlens.registry import Registry
-    from userlens.stages import load_canonical
+    from userlens.stages import load_items
 
     if Registry(project).production() is None:
         return "nothing is in production yet, and the fusion reads the production encoder (`userlens run`)"
-    if load_canonical(project)[0].rating_scale is None:
+    if load_items(project).rating_scale is None:
         return "the data has no ratings to learn liking from"
     return None
 

@@ -47,7 +47,7 @@ def sync_log(project: Project, params: Params, events_file: Path | None = None) 
         events, _, canonical = stages.validated_interactions(project)
         source = {"raw_dvc_hash": canonical.get("raw_dvc_hash"), "appended_at": utc_now()}
     else:
-        events = _read_events_file(Path(events_file), stages.load_canonical(project)[0].items)
+        events = _read_events_file(Path(events_file), stages.load_items(project).items)
         source = {"file": str(events_file), "appended_at": utc_now()}
     logged = event_log(project, params)
     new = logged.append(events, source)
@@ -99,7 +99,7 @@ def summarise(project: Project, params: Params, progress: bool = True) -> dict[s
     store = partition_store(project, params)
     if not store.store.parts():
         raise UserlensError("no closed partitions yet: run `userlens partitions` first")
-    tables, _ = stages.load_canonical(project)
+    tables = stages.load_items(project)
     settings = params.lifelong
     summariser = make_summariser(settings.summary, settings.llm.model, settings.llm.device)
     summaries = summary_store(project, params)

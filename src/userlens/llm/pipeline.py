@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 
 from userlens.config import Params
@@ -29,11 +30,33 @@ from userlens.project import Project
 
 log = logging.getLogger(__name__)
 
-CONDITIONER, MANIFEST = "conditioner.pt", "manifest.json"
+CONDITIONER, MANIFEST, CONTEXT = "conditioner.pt", "manifest.json", "user_context.parquet"
+BATCH_USERS = 256
 
 
 def versions_dir(project: Project) -> Path:
     return project.root / "data" / "user_llm"
+
+
+def get_version(project: Project, version: str | None = None) -> Path:
+    """A trained conditioner version's folder (the latest when `version` is None)."""
+    folder = versions_dir(project)
+    if version is None:
+        done = sorted(p for p in folder.glob("user_llm-*") if (p / MANIFEST).exists()) if folder.exists() else []
+        if not done:
+            raise UserlensError("no user-conditioned LM version yet: run `userlens condition`")
+        return done[-1]
+    if not (folder / version / MANIFEST).exists():
+        raise UserlensError(f"no user-conditioned LM version {version!r} in {project.relative(folder)}")
+    return folder / version
+
+
+def candidate_version(project: Project) -> str:
+    """The model version of the trained Barlow Twins candidate (what `condition` reads)."""
+    path = project.model_dir("barlow_twins") / "manifest.json"
+    if not path.exists():
+        raise UserlensError("no trained Barlow Twins encoder: run `userlens pretrain` first")
+    return read_json(path).get("model_version", "unknown")
 
 
 def _encoder(project: Project, params: Params):
@@ -41,8 +64,7 @@ def _encoder(project: Project, params: Params):
     from userlens.release import candidate_encoder
 
     encoder, vocabulary, max_length = candidate_encoder(project, params)
-    version = read_json(project.model_dir("barlow_twins") / "manifest.json").get("model_version", "unknown")
-    return encoder, vocabulary, max_length, version
+    return encoder, vocabulary, max_length, candidate_version(project)
 
 
 def condition(project: Project, params: Params, progress: bool = True) -> dict[str, Any]:
@@ -52,15 +74,15 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     from userlens.data import SequenceData
     from userlens.llm.conditioning import UserConditionedLM
     from userlens.llm.loader import load_private
-    from userlens.llm.tasks import Catalogue, make_questions
+    from userlens.llm.tasks import Catalogue, make_questions, query_cost
     from userlens.llm.training import metrics, train_conditioned
     from userlens.pretraining import validation_users
-    from userlens.stages import load_canonical
+    from userlens.stages import load_items
 
     started = time.perf_counter()
     settings = params.user_llm
     encoder, vocabulary, max_length, encoder_version = _encoder(project, params)
-    tables, _ = load_canonical(project)
+    tables = load_items(project)
     seq_dir = project.sequences_dir
     data = SequenceData.load(seq_dir, max_length, vocabulary)
     catalogue = Catalogue.load(seq_dir, tables.items)
@@ -93,15 +115,20 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
         methods |= {f"text prompt (last {n} events)": (questions(test, n)[task], False)
                     for n in settings.text_prompt_events}  # fmt: skip
         methods[f"conditioned ({settings.mode})"] = (asked[task], True)
-        scores[task] = {name: metrics(model, tokenizer, data, task, qs, conditioned,
-                                      f"{task}: {name}" if progress else None)
+        scores[task] = {name: {**metrics(model, tokenizer, data, task, qs, conditioned,
+                                         f"{task}: {name}" if progress else None),
+                               **query_cost(model, tokenizer, data, qs, conditioned)}
                         for name, (qs, conditioned) in methods.items()}  # fmt: skip
-    version = _save_version(project, model, settings, encoder_version, language_model.identity)
+    user_ids = pl.read_parquet(seq_dir / "users.parquet", columns=["user_index", "user_id"]).sort("user_index")
+    version = _save_version(project, model, data, user_ids["user_id"], settings, encoder_version,
+                            language_model.identity)  # fmt: skip
     result = {
         "version": version,
         "encoder": encoder_version,
         "language_model": language_model.identity,
         "mode": settings.mode,
+        "device": str(language_model.device),
+        "batch_size": settings.train.batch_size,
         "latents": settings.latents,
         "perceiver": settings.perceiver,
         "users": {
@@ -125,19 +152,34 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     return result
 
 
-def _save_version(project: Project, model, settings, encoder_version: str, lm_identity: str) -> str:
-    """The trained parts (state_dict without the LM) and what they were trained with."""
+def _save_version(project: Project, model, data, user_ids, settings, encoder_version: str, lm_identity: str) -> str:
+    """The trained parts (state_dict without the LM), what they were trained with, and every
+    user's latents; the folder appears whole or not at all."""
+    from userlens.io import atomic_dir, write_parquet_atomic
     from userlens.train import atomic_save
 
     state = model.state_dict()
     digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in state.values())).hexdigest()[:8]
     version = f"user_llm-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{digest}"
-    folder = versions_dir(project) / version
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save({"model": state}, folder / CONDITIONER)
+    model.eval()
+    with torch.no_grad():
+        latents = np.concatenate([
+            model.user_latents(data.batch(range(s, min(s + BATCH_USERS, data.n_users))).to(model.device))
+            .float().cpu().numpy() for s in range(0, data.n_users, BATCH_USERS)
+        ])  # fmt: skip
+    users, k, user_dim = latents.shape
+    rows = pl.DataFrame({"user_id": user_ids}).with_columns(
+        user_context=pl.Series(latents.reshape(users, k * user_dim), dtype=pl.List(pl.Float32)),
+        context_version=pl.lit(version),
+        context_latents=pl.lit(k, dtype=pl.Int64),
+    )
     manifest = {"version": version, "encoder": encoder_version, "language_model": lm_identity,
-                "settings": settings.model_dump(mode="json"), "created_at": utc_now()}  # fmt: skip
-    write_json_atomic(folder / MANIFEST, manifest)
+                "settings": settings.model_dump(mode="json"), "latents": k, "user_dim": user_dim, "users": users,
+                "created_at": utc_now()}  # fmt: skip
+    with atomic_dir(versions_dir(project) / version) as staging:
+        atomic_save({"model": state}, staging / CONDITIONER)
+        write_json_atomic(staging / MANIFEST, manifest)
+        write_parquet_atomic(staging / CONTEXT, rows)
     return version
 
 
@@ -153,10 +195,19 @@ def markdown(result: dict[str, Any]) -> str:
 
     tasks = list(result["scores"])
     methods = list(result["scores"][tasks[0]])
+    costs = ("prompt_tokens", "gflops_per_query", "ms_per_query")
     lines += ["Headline metric per task: " + ", ".join(f"{t} {HEADLINE[t]}" for t in tasks)
-              + " (answers scored by the LM's likelihood; next_item among its candidates).", "",
-              "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]  # fmt: skip
+              + " (answers scored by the LM's likelihood; next_item among its candidates). Cost per query "
+              "(a question scored with all its choices, the prompt once), mean over the tasks.", "",
+              "| method | " + " | ".join(tasks) + " | prompt tokens | GFLOPs / query | ms / query |",
+              "|---|" + "---:|" * (len(tasks) + len(costs))]  # fmt: skip
     for method in methods:
         cells = [f"{result['scores'][t][method][HEADLINE[t]]:.3f}" for t in tasks]
+        means = [np.mean([result["scores"][t][method].get(c, np.nan) for t in tasks]) for c in costs]
+        cells += [f"{means[0]:.0f}", f"{means[1]:.2f}", f"{means[2]:.0f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    training = result["training"]
+    if training["steps"] and training["seconds"]:
+        lines += ["", f"Training: {training['steps'] / training['seconds']:.2f} steps/s "
+                  f"(batch {result.get('batch_size', '?')}) on {result.get('device', '?')}"]  # fmt: skip
     return "\n".join(lines) + "\n"

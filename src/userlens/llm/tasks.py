@@ -76,40 +76,49 @@ def encode(tokenizer, prompts: list[str], answers: list[str], device) -> tuple[t
     return ids.to(device), mask.to(device), target.to(device)
 
 
-def answer_logprob(model, tokenizer, data, users: list[int] | None, prompts: list[str], answers: list[str],
-                   batch_size: int = 32, progress: str | None = None) -> np.ndarray:  # fmt: skip
-    """Mean log-probability per token of each answer after its prompt; `users` (rows of `data`)
-    condition the model, None asks the plain LM (the no-context and text-prompt baselines).
-    `progress`: a progress bar with this title."""
-    from tqdm.auto import tqdm
-
-    out = np.empty(len(prompts), np.float64)
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
-        chunk = slice(start, start + batch_size)
-        ids, mask, labels = encode(tokenizer, prompts[chunk], answers[chunk], model.device)
-        batch = data.batch(users[chunk]).to(model.device) if users is not None else None
-        with torch.no_grad():
-            logits = model(batch, ids, mask).logits.float()
-        logits = model.text_logits(logits, batch)
-        logprobs = logits[:, :-1].log_softmax(-1)
-        targets = labels[:, 1:]
-        scored = targets != -100
-        picked = logprobs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * scored
-        out[chunk] = (picked.sum(1) / scored.sum(1).clamp(min=1)).cpu().numpy()
-    return out
-
-
 def choice_scores(
     model, tokenizer, data, questions: list[Question], conditioned: bool, progress: str | None = None
 ) -> list[np.ndarray]:
-    """Each question's score for each of its choices (higher = more likely)."""
-    flat = [(q, choice) for q in questions for choice in q.choices]
-    users = [q.user for q, _ in flat] if conditioned else None
-    prompts, answers = [q.prompt for q, _ in flat], [c for _, c in flat]
-    scores = answer_logprob(model, tokenizer, data, users, prompts, answers, progress=progress)
-    bounds = np.cumsum([0] + [len(q.choices) for q in questions])
-    return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    """Each question's score for each of its choices: the mean log-probability per token of the
+    choice after the question (higher = more likely); `conditioned`: the model reads the user
+    (else the plain LM: the no-context and text-prompt baselines). `progress`: a bar's title."""
+    from tqdm.auto import tqdm
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for question in tqdm(questions, desc=progress, unit="question", disable=progress is None, leave=False):
+        prompt = tokenizer(chat_prompt(tokenizer, question.prompt), add_special_tokens=False)["input_ids"]
+        tails = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in question.choices]
+        answers = torch.full((len(tails), max(map(len, tails))), pad, dtype=torch.long)
+        mask = torch.zeros_like(answers)
+        for i, tail in enumerate(tails):
+            answers[i, : len(tail)], mask[i, : len(tail)] = torch.tensor(tail), 1
+        latents = None
+        if conditioned:
+            with torch.no_grad():
+                latents = model.user_latents(data.batch([question.user]).to(model.device))
+        scores = model.answer_logprobs(torch.tensor([prompt], device=model.device), answers.to(model.device),
+                                       mask.to(model.device), latents)  # fmt: skip
+        out.append(scores.cpu().numpy().astype(np.float64))
+    return out
+
+
+def query_cost(model, tokenizer, data, questions: list[Question], conditioned: bool, sample: int = 3) -> dict:
+    """What one question costs the LM: prompt tokens (mean over all questions; a soft prompt's
+    k positions included) and FLOPs of scoring it with all its choices (torch's FLOP counter,
+    mean over the first `sample` questions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not questions:
+        return {}
+    extra = model.settings.latents if conditioned and model.projector is not None else 0
+    tokens = [len(tokenizer(chat_prompt(tokenizer, q.prompt), add_special_tokens=False)["input_ids"]) + extra
+              for q in questions]  # fmt: skip
+    counter = FlopCounterMode(display=False)
+    with counter:
+        choice_scores(model, tokenizer, data, questions[:sample], conditioned)
+    return {"prompt_tokens": float(np.mean(tokens)),
+            "gflops_per_query": counter.get_total_flops() / min(sample, len(questions)) / 1e9}  # fmt: skip
 
 
 def rank_of_answer(scores: np.ndarray, answer: int) -> int:

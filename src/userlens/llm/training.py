@@ -9,6 +9,7 @@ The validation score is the mean over tasks of each one's headline metric (tasks
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,12 @@ def accuracy(model, tokenizer, data, questions: list[Question], conditioned: boo
 def metrics(
     model, tokenizer, data, task: str, questions: list[Question], conditioned: bool = True, progress: str | None = None
 ) -> dict:
-    """The task's metrics (tasks.task_metrics) on these questions (`progress`: a bar with this title)."""
+    """The task's metrics (tasks.task_metrics) on these questions (`progress`: a bar with this
+    title), and ms_per_query: the wall time of scoring one question with all its choices."""
+    started = time.perf_counter()
     scores = choice_scores(model, tokenizer, data, questions, conditioned, progress) if questions else []
-    return task_metrics(task, scores, questions)
+    seconds = time.perf_counter() - started
+    return {**task_metrics(task, scores, questions), "ms_per_query": 1000 * seconds / max(len(questions), 1)}
 
 
 def train_conditioned(
