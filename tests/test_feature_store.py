@@ -74,7 +74,8 @@ def make_serving_project(root: Path, serving: dict | None = None) -> Project:
     root.mkdir(parents=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copytree(REPO / "feature_repo", root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(root, {"serving": serving or {}})
+    # No grace period by default: these stores are read by userlens, which follows the pointer.
+    set_params(root, {"serving": {"retire_grace_s": 0, **(serving or {})}})
     return Project(root)
 
 
@@ -308,25 +309,45 @@ def test_cli_lookup_and_similar(sqlite_project):
     assert done.exit_code == 2 and "unknown user 'stranger'" in done.output and "Traceback" not in done.output
 
 
-def test_feast_serve_answers_over_http(sqlite_project):
-    path, ids, vectors = write_export(sqlite_project, "v1", seed=1)
-    state = publish(sqlite_project, "v1", path)
+def test_feast_serve_answers_by_the_stable_name_across_a_cut_over_and_a_rollback(tmp_path):
+    """Serving code as it runs: a real `feast serve` process asked over HTTP for the feature
+    service `user_embeddings` (no userlens code, no pointer file). Every response holds one
+    version whole; after a cut-over the new one, within Feast's registry refresh; after a
+    rollback the old one again."""
+    project = make_serving_project(tmp_path / "project", {"retire_grace_s": 10})
+    exports = {v: write_export(project, v, seed=k) for k, v in enumerate(("v1", "v2"))}
+    publish(project, "v1", exports["v1"][0])
     port = free_port()
-    cmd, env = serving.serve_command(sqlite_project, sqlite_project.load_params(), "127.0.0.1", port)
+    cmd, env = serving.serve_command(project, project.load_params(), "127.0.0.1", port)
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    ids = exports["v1"][1][:20]
+
+    def ask() -> str:
+        """One request for 20 users; checks the response is one version, whole; returns it."""
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/get-online-features",
-            data=json.dumps(
-                {"feature_service": f"user_embeddings_{state['slot']}_service", "entities": {"user_id": [ids[0]]}}
-            ).encode(),  # fmt: skip
+            data=json.dumps({"feature_service": "user_embeddings", "entities": {"user_id": ids}}).encode(),
             headers={"Content-Type": "application/json"},
         )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.loads(response.read())
+        values = dict(zip(body["metadata"]["feature_names"], (r["values"] for r in body["results"]), strict=True))
+        (version,) = set(values["model_version"])  # one version in the whole batch
+        expected = exports[version][2][:20]
+        assert np.array(values["embedding"], np.float32).tobytes() == expected.tobytes()
+        return version
+
+    def wait_for(version: str) -> None:
+        deadline = time.monotonic() + 30  # the server re-reads the registry every 5 s
+        while (seen := ask()) != version:
+            assert seen in exports and time.monotonic() < deadline, f"still {seen}, not {version}"
+            time.sleep(0.2)
+
+    try:
         deadline = time.monotonic() + 90
         while True:
             try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    body = json.loads(response.read())
+                assert ask() == "v1"
                 break
             except OSError:
                 if proc.poll() is not None:
@@ -334,10 +355,26 @@ def test_feast_serve_answers_over_http(sqlite_project):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        publish(project, "v2", exports["v2"][0])  # cut-over
+        wait_for("v2")
+        rolled = publish(project, "v1", exports["v1"][0])  # rollback: the old slot, not rewritten
+        assert not rolled["rewritten"]
+        wait_for("v1")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    names = body["metadata"]["feature_names"]
-    values = {name: result["values"][0] for name, result in zip(names, body["results"], strict=True)}
-    assert values["model_version"] == "v1"
-    assert np.array(values["embedding"], np.float32).tobytes() == vectors[0].tobytes()
+
+
+def test_a_slot_that_was_live_is_rewritten_only_after_the_grace_period(tmp_path):
+    project = make_serving_project(tmp_path / "project", {"retire_grace_s": 1.5})
+    paths = {v: write_export(project, v, seed=k)[0] for k, v in enumerate(("v1", "v2", "v3"))}
+    publish(project, "v1", paths["v1"])
+    publish(project, "v2", paths["v2"])  # into green, never live: no wait
+    started = time.monotonic()
+    done = publish(project, "v3", paths["v3"])  # into blue, live until the last cut-over
+    assert done["slot"] == "blue" and time.monotonic() - started >= 1.0
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(project.root / "feature_repo"))
+    service = store.get_feature_service("user_embeddings")  # the stable name follows the cut-over
+    assert [p.name for p in service.feature_view_projections] == ["user_embeddings_blue"]

@@ -66,7 +66,7 @@ def test_fuse_publishes_a_version_that_feast_serves_beside_the_embeddings(projec
     assert not (project / "data/feast/serving.json").exists()  # the embeddings' pointer is their own
 
     ids = export["user_id"].head(5).to_list()
-    read = feast_read(project, f"user_interest_{pointer['slot']}_service", ids)
+    read = feast_read(project, "user_interest", ids)
     assert read["interest_version"] == [version] * 5
     expected = np.stack(export["user_interest"].head(5).to_numpy())
     assert np.array_equal(np.asarray(read["user_interest"], np.float32), expected)
@@ -114,7 +114,7 @@ def test_a_refresh_refuses_only_users_with_new_events_and_leaves_the_rest_bit_fo
     assert len(encoded) == 1 and set(encoded[0]["user_id"]) == {everyone[0], everyone[1], "newcomer"}
 
     assert served_interest(project)["model_version"] == version  # the same version, brought up to date
-    after = feast_read(project, f"user_interest_{slot}_service", [*everyone, "newcomer"])
+    after = feast_read(project, "user_interest", [*everyone, "newcomer"])
     assert after["interest_version"] == [version] * (len(everyone) + 1)
     changed = {u for u, old, new in zip(everyone, before["user_interest"], after["user_interest"], strict=False)
                if np.asarray(old, np.float32).tobytes() != np.asarray(new, np.float32).tobytes()}  # fmt: skip

@@ -88,7 +88,7 @@ def test_served_latents_answer_as_the_trained_model_does(project):
 
     ids = rows["user_id"].head(3).to_list()
     store = FeatureStore(repo_path=str(root / "feature_repo"))
-    read = store.get_online_features(features=store.get_feature_service(f"user_context_{pointer['slot']}_service"),
+    read = store.get_online_features(features=store.get_feature_service("user_context"),
                                      entity_rows=[{"user_id": u} for u in ids]).to_dict()  # fmt: skip
     np.testing.assert_array_equal(np.array(read["user_context"], np.float32), np.stack(rows["user_context"].head(3)))
     assert read["context_latents"] == [2, 2, 2] and set(read["context_version"]) == {version}

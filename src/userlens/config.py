@@ -221,6 +221,9 @@ class ServingParams(_Section):
     online_store: Literal["sqlite", "redis"] = "sqlite"  # $USERLENS_REDIS_URL set = redis
     redis_url: str | None = None  # redis://[:password@]host:port[/db]; null = localhost:6379
     fallback: Literal["mean", "zeros", "none"] = "mean"  # vector for unknown users (none = NaN)
+    # A slot that was live is rewritten only this many seconds after its cut-over, so that Feast
+    # clients (registry refreshed every 5 s) have moved on; 0 for a store only userlens reads.
+    retire_grace_s: float = Field(10.0, ge=0)
 
 
 class DvcParams(_Section):

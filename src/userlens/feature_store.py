@@ -44,6 +44,9 @@ SLOTS = ("blue", "green")
 REDIS_URL_ENV = "USERLENS_REDIS_URL"  # set: serve from Redis at this URL, whatever params.yaml says
 VERIFY_SAMPLE = 1000  # users read back from a freshly written slot before the pointer flips
 HISTORY = 20  # earlier publishes kept in the pointer
+# How stale a Feast client's registry may be: `feast serve` refreshes it this often (userlens
+# serve passes it), SDK clients through feature_store.yaml's cache_ttl_seconds (the same).
+REGISTRY_TTL_S = 5
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,7 @@ def publish_set(
         record = read_json(layout.slot_record(slot)) if layout.slot_record(slot).exists() else {}
         reused = record == {"model_version": version, "users": table.num_rows, "store": identity}
         if not reused:
+            _wait_until_retired(pointer, serving.retire_grace_s)
             _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
         verify_slot(store, layout, slot, table)
         write_json_atomic(layout.slot_record(slot), {"model_version": version, "users": table.num_rows,
@@ -282,7 +286,16 @@ def publish_set(
             "source": source,
             "history": history,
         }
-        write_json_atomic(layout.pointer, new_pointer)  # the cut-over: one atomic rename
+        # The cut-over: the stable feature service (one registry write), then the pointer (one
+        # atomic rename); if the pointer cannot be written, the service goes back.
+        _point_service(store, layout, slot)
+        new_pointer["cut_over_at"] = datetime.now(UTC).isoformat()  # when the old slot stopped being live
+        try:
+            write_json_atomic(layout.pointer, new_pointer)
+        except BaseException:
+            if pointer is not None:
+                _point_service(store, layout, pointer["slot"])
+            raise
     seconds = time.perf_counter() - started
     log.info("serving %s %s from slot %s (%d users, %.1f s)", features.name, version, slot, table.num_rows, seconds)
     return {
@@ -294,6 +307,28 @@ def publish_set(
         "users_per_s": round(table.num_rows / seconds, 1) if seconds else None,
         "online_store": store.config.online_store.type,
     }
+
+
+def _point_service(store, layout: Layout, slot: str) -> None:
+    """The feature service named like the set (`user_embeddings`, ...) now serves this slot's
+    view: what plain Feast clients ask for, by a name that never changes."""
+    from feast import FeatureService
+
+    view = store.get_feature_view(layout.view(slot))
+    store.apply([FeatureService(name=layout.features.name, features=[view],
+                                description=f"The served {layout.features.name} version (slot {slot}).")])  # fmt: skip
+
+
+def _wait_until_retired(pointer: dict | None, grace_s: float) -> None:
+    """Before the standby slot is rewritten: it stopped being live at the last cut-over, and
+    Feast clients may read it for up to REGISTRY_TTL_S after; wait until `grace_s` have passed."""
+    if pointer is None or grace_s <= 0:
+        return
+    cut_over = datetime.fromisoformat(pointer.get("cut_over_at") or pointer["published_at"])
+    left = grace_s - (datetime.now(UTC) - cut_over).total_seconds()
+    if left > 0:
+        log.info("waiting %.1fs for Feast clients to leave the slot that was live until the last cut-over", left)
+        time.sleep(left)
 
 
 def _summary(pointer: dict) -> dict:

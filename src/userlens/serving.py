@@ -20,6 +20,7 @@ from userlens.errors import ConfigError, ServingError
 from userlens.feature_store import (
     EMBEDDINGS,
     REDIS_URL_ENV,
+    REGISTRY_TTL_S,
     FeatureSet,
     Layout,
     decode_embeddings,
@@ -186,4 +187,5 @@ def serve_command(project: Project, params: Params, host: str, port: int) -> tup
     config = yaml.safe_dump(repo_config(layout, params.serving, absolute=True))
     feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
     env = {"FEATURE_STORE_YAML_BASE64": base64.b64encode(config.encode()).decode()}
-    return [feast, "serve", "--host", host, "--port", str(port)], env
+    command = [feast, "serve", "--host", host, "--port", str(port), "--registry_ttl_sec", str(REGISTRY_TTL_S)]
+    return command, env

@@ -254,8 +254,9 @@ def serve(obj: Context, host, port):
     Examples:
       userlens serve
       curl -s -X POST http://127.0.0.1:6566/get-online-features -d \\
-        '{"feature_service": "user_embeddings_blue_service", "entities": {"user_id": ["42"]}}'
-    (the served slot, blue or green, is in data/feast/serving.json and `userlens lookup --json`)
+        '{"feature_service": "user_embeddings", "entities": {"user_id": ["42"]}}'
+    (`user_embeddings`, `user_interest`, `user_context`: the served versions, by names that
+    never change; a cut-over reaches the server within 5 s)
     """
     import os
     import subprocess
