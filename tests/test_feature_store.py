@@ -27,6 +27,7 @@ from userlens import feature_store, serving
 from userlens.cli import cli
 from userlens.embeddings import export_embeddings
 from userlens.errors import DataError, ServingError
+from userlens.feast_values import online_rows
 from userlens.project import Project
 
 pytestmark = pytest.mark.integration
@@ -174,7 +175,7 @@ def test_online_rows_are_what_write_to_online_store_would_write(sqlite_project):
     feature_store.apply_definitions(store, layout)
     view = store.get_feature_view("user_embeddings_blue")
     feast_rows = store._get_provider()._prep_rows_to_write_for_ingestion(view, table.to_pandas())
-    ours = feature_store.online_rows(view, table)
+    ours = online_rows(view, table, feature_store.EMBEDDINGS)
     assert len(ours) == len(feast_rows) == 5
     for (key, values, ts, created), (fkey, fvalues, fts, fcreated) in zip(ours, feast_rows, strict=True):
         assert key.SerializeToString() == fkey.SerializeToString()
@@ -275,9 +276,20 @@ def test_feast_plan_and_apply_from_the_folder(sqlite_project):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("Created feature view user_embeddings_blue") == 2  # planned, then applied
     store = feature_store.open_store(feature_store.Layout.of(repo), sqlite_project.load_params().serving)
+    sets = ("user_embeddings", "user_interest", "user_context")
     assert {fs.name for fs in store.list_feature_services()} == {
-        f"{name}_{slot}_service" for name in ("user_embeddings", "user_interest") for slot in ("blue", "green")
+        *sets,
+        *(f"{name}_{slot}_service" for name in sets for slot in ("blue", "green")),
     }
+    # After two publishes green is live; a later `feast apply` keeps the stable name on it.
+    for seed, version in enumerate(("v1", "v2")):
+        publish(sqlite_project, version, write_export(sqlite_project, version, seed=seed)[0])
+    again = subprocess.run([sys.executable, "-c", script.replace("('plan', 'apply')", "('apply',)")], cwd=repo,
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    store = feature_store.open_store(feature_store.Layout.of(repo), sqlite_project.load_params().serving)
+    service = store.get_feature_service("user_embeddings")
+    assert [p.name for p in service.feature_view_projections] == ["user_embeddings_green"]
 
 
 def test_cli_lookup_and_similar(sqlite_project):

@@ -17,14 +17,13 @@ import yaml
 
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, ServingError
+from userlens.feast_values import decode_embeddings, entity_keys
 from userlens.feature_store import (
     EMBEDDINGS,
     REDIS_URL_ENV,
     REGISTRY_TTL_S,
     FeatureSet,
     Layout,
-    decode_embeddings,
-    entity_keys,
     online_store_settings,
     open_store,
     repo_config,
