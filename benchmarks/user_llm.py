@@ -52,7 +52,8 @@ def table(dataset: str, results: dict[str, dict]) -> str:
     tasks = list(first["scores"])
     rows = {}
     for name, result in results.items():
-        for method, by_task in ((m, {t: result["scores"][t][m] for t in tasks}) for m in result["scores"][tasks[0]]):
+        methods = dict.fromkeys(m for t in tasks for m in result["scores"][t])  # a probe answers one task
+        for method, by_task in ((m, {t: result["scores"][t].get(m) for t in tasks}) for m in methods):
             label = f"{method} [{name}]" if method.startswith("conditioned") else method
             label += f", k = {result['latents']}" if method.startswith("conditioned") else ""
             rows.setdefault(label, (by_task, result))
@@ -63,8 +64,9 @@ def table(dataset: str, results: dict[str, dict]) -> str:
              + " | prompt tokens | GFLOPs / query | ms / query (CPU) |",
              "|---|" + "---:|" * (len(tasks) + 3)]  # fmt: skip
     for label, (by_task, _) in rows.items():
-        cells = [f"{by_task[t][HEADLINE[t]]:.3f}" for t in tasks]
-        means = [sum(by_task[t][c] for t in tasks) / len(tasks) for c in COSTS]
+        cells = [f"{by_task[t][HEADLINE[t]]:.3f}" if by_task[t] else "—" for t in tasks]
+        present = [by_task[t] for t in tasks if by_task[t]]
+        means = [sum(entry[c] for entry in present) / len(present) for c in COSTS]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {means[0]:.0f} | {means[1]:.2f} | {means[2]:.0f} |")
     lines += ["", "| variant | training steps | seconds | steps/s | selected step |", "|---|---:|---:|---:|---:|"]
     for name, result in results.items():

@@ -373,7 +373,8 @@ def test_userlens_condition_trains_scores_and_keeps_a_version(small_sequences, t
     assert result.exit_code == 0, result.output
     report = json.loads((project.reports_dir / "user_llm.json").read_text())
     scores = report["scores"]["favourite_category"]
-    assert set(scores) == {"no context", "text prompt (last 3 events)", "conditioned (cross_attention)"}
+    assert set(scores) == {"no context", "text prompt (last 3 events)", "text prompt (last 3 events), calibrated",
+                           "conditioned (cross_attention)", "linear probe (Barlow Twins embedding)"}
     assert all(0 <= v["accuracy"] <= 1 for v in scores.values()) and report["users"]["test"] == 20
     assert "| conditioned (cross_attention) |" in result.output
     saved = torch.load(project.root / "data/user_llm" / report["version"] / "conditioner.pt", weights_only=True)

@@ -74,8 +74,8 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     from userlens.data import SequenceData
     from userlens.llm.conditioning import UserConditionedLM
     from userlens.llm.loader import load_private
-    from userlens.llm.tasks import Catalogue, make_questions, query_cost
-    from userlens.llm.training import metrics, train_conditioned
+    from userlens.llm.tasks import Catalogue, make_questions
+    from userlens.llm.training import train_conditioned
     from userlens.pretraining import validation_users
     from userlens.stages import load_items
 
@@ -108,17 +108,14 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     work = versions_dir(project) / f".training-{run_key}"
     fit = train_conditioned(model, tokenizer, data, questions(train), questions(val[: settings.eval_users]),
                             settings, work, progress)  # fmt: skip
-    scores: dict[str, dict[str, dict[str, float]]] = {}
+    model.eval()
     asked = questions(test)
-    for task in tasks:
-        methods = {"no context": (asked[task], False)}
-        methods |= {f"text prompt (last {n} events)": (questions(test, n)[task], False)
-                    for n in settings.text_prompt_events}  # fmt: skip
-        methods[f"conditioned ({settings.mode})"] = (asked[task], True)
-        scores[task] = {name: {**metrics(model, tokenizer, data, task, qs, conditioned,
-                                         f"{task}: {name}" if progress else None),
-                               **query_cost(model, tokenizer, data, qs, conditioned)}
-                        for name, (qs, conditioned) in methods.items()}  # fmt: skip
+    texts = {n: questions(test, n) for n in settings.text_prompt_events}
+    scores = {task: _scores(model, tokenizer, data, task, asked[task], {n: t[task] for n, t in texts.items()},
+                            progress) for task in tasks}  # fmt: skip
+    if "favourite_category" in scores:  # the one task a plain linear probe on the embedding can answer
+        scores["favourite_category"]["linear probe (Barlow Twins embedding)"] = _probe(model, data, seq_dir,
+                                                                                      train, test)  # fmt: skip
     user_ids = pl.read_parquet(seq_dir / "users.parquet", columns=["user_index", "user_id"]).sort("user_index")
     version = _save_version(project, model, data, user_ids["user_id"], settings, encoder_version,
                             language_model.identity)  # fmt: skip
@@ -150,6 +147,52 @@ def condition(project: Project, params: Params, progress: bool = True) -> dict[s
     write_text_atomic(project.reports_dir / "user_llm.md", markdown(result))
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _scores(model, tokenizer, data, task: str, asked: list, with_history: dict[int, list], progress: bool) -> dict:
+    """Metrics and cost per query of every method on one task: the LM without the user, with the
+    user's last N events in the prompt (also calibrated: minus the no-context score of each
+    answer, which removes the LM's prior for some answers over others; it costs both prompts),
+    and conditioned on the user."""
+    from userlens.llm.tasks import query_cost, task_metrics
+    from userlens.llm.training import scored
+
+    def run(name: str, questions: list, conditioned: bool) -> tuple[dict, list]:
+        found, choice_scores = scored(model, tokenizer, data, task, questions, conditioned,
+                                      f"{task}: {name}" if progress else None)  # fmt: skip
+        return {**found, **query_cost(model, tokenizer, data, questions, conditioned)}, choice_scores
+
+    out, (out["no context"], prior) = {}, run("no context", asked, False)
+    for n, questions in with_history.items():
+        name = f"text prompt (last {n} events)"
+        out[name], raw = run(name, questions, False)
+        assert all(q.choices == a.choices for q, a in zip(questions, asked, strict=True))  # the same answers
+        calibrated = task_metrics(task, [r - p for r, p in zip(raw, prior, strict=True)], questions)
+        cost = {key: out[name][key] + out["no context"][key] for key in ("prompt_tokens", "gflops_per_query",
+                                                                         "ms_per_query")}  # fmt: skip
+        out[f"{name}, calibrated"] = {**calibrated, **cost}
+    out[f"conditioned ({model.settings.mode})"] = run("conditioned", asked, True)[0]
+    return out
+
+
+def _probe(model, data, sequences_dir, train: np.ndarray, test: np.ndarray) -> dict:
+    """favourite_category by logistic regression on the encoder's pooled embedding (train users'
+    labels -> test users): the plain way to use the embedding, as `userlens evaluate` does."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from userlens.evaluate import build_tasks
+
+    labels = build_tasks(sequences_dir)["favourite_category"].labels
+    train, test = train[labels[train] >= 0], test[labels[test] >= 0]
+    with torch.no_grad():
+        vectors = np.concatenate([model.encoder(data.batch(range(s, min(s + BATCH_USERS, data.n_users)))
+                                                .to(model.device)).float().cpu().numpy()
+                                  for s in range(0, data.n_users, BATCH_USERS)])  # fmt: skip
+    scaler = StandardScaler().fit(vectors[train])
+    probe = LogisticRegression(max_iter=2000).fit(scaler.transform(vectors[train]), labels[train])
+    accuracy = float((probe.predict(scaler.transform(vectors[test])) == labels[test]).mean()) if len(test) else np.nan
+    return {"accuracy": accuracy, "prompt_tokens": 0.0, "gflops_per_query": 0.0, "ms_per_query": 0.0}
 
 
 def _save_version(project: Project, model, data, user_ids, settings, encoder_version: str, lm_identity: str) -> str:
@@ -194,7 +237,7 @@ def markdown(result: dict[str, Any]) -> str:
     from userlens.llm.tasks import HEADLINE
 
     tasks = list(result["scores"])
-    methods = list(result["scores"][tasks[0]])
+    methods = list(dict.fromkeys(m for t in tasks for m in result["scores"][t]))  # a probe answers one task
     costs = ("prompt_tokens", "gflops_per_query", "ms_per_query")
     lines += ["Headline metric per task: " + ", ".join(f"{t} {HEADLINE[t]}" for t in tasks)
               + " (answers scored by the LM's likelihood; next_item among its candidates). Cost per query "
@@ -202,8 +245,9 @@ def markdown(result: dict[str, Any]) -> str:
               "| method | " + " | ".join(tasks) + " | prompt tokens | GFLOPs / query | ms / query |",
               "|---|" + "---:|" * (len(tasks) + len(costs))]  # fmt: skip
     for method in methods:
-        cells = [f"{result['scores'][t][method][HEADLINE[t]]:.3f}" for t in tasks]
-        means = [np.mean([result["scores"][t][method].get(c, np.nan) for t in tasks]) for c in costs]
+        found = [result["scores"][t].get(method) for t in tasks]
+        cells = [f"{entry[HEADLINE[t]]:.3f}" if entry else "—" for t, entry in zip(tasks, found, strict=True)]
+        means = [np.mean([entry[c] for entry in found if entry]) for c in costs]
         cells += [f"{means[0]:.0f}", f"{means[1]:.2f}", f"{means[2]:.0f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     training = result["training"]

@@ -35,10 +35,17 @@ def metrics(
 ) -> dict:
     """The task's metrics (tasks.task_metrics) on these questions (`progress`: a bar with this
     title), and ms_per_query: the wall time of scoring one question with all its choices."""
+    return scored(model, tokenizer, data, task, questions, conditioned, progress)[0]
+
+
+def scored(
+    model, tokenizer, data, task: str, questions: list[Question], conditioned: bool = True, progress: str | None = None
+) -> tuple[dict, list[np.ndarray]]:
+    """(metrics as `metrics` gives them, each question's choice scores)."""
     started = time.perf_counter()
     scores = choice_scores(model, tokenizer, data, questions, conditioned, progress) if questions else []
     seconds = time.perf_counter() - started
-    return {**task_metrics(task, scores, questions), "ms_per_query": 1000 * seconds / max(len(questions), 1)}
+    return {**task_metrics(task, scores, questions), "ms_per_query": 1000 * seconds / max(len(questions), 1)}, scores
 
 
 def train_conditioned(
