@@ -4,7 +4,10 @@ trained Barlow Twins candidate is the encoder). Every variant asks the same seed
 
     python benchmarks/user_llm.py --dataset ml-100k                      # the comparison below
     python benchmarks/user_llm.py --dataset ml-100k --variants cross-attention
-    python benchmarks/user_llm.py --set user_llm.eval_users=100          # any user_llm override
+    python benchmarks/user_llm.py --set user_llm.eval_users=100          # any user_llm override (wins)
+    python benchmarks/user_llm.py --dataset ciao --variants cross-attention --set user_llm.eval_users=40 \
+        --set 'user_llm.tasks=[favourite_category,preference]' --set 'user_llm.text_prompt_events=[50,200]'
+                                               # Ciao's items have no titles: no next_item
 
 Variants: cross-attention to the pooled embedding (k = 1; it also scores the LM without the
 user and with the user's last N = 10, 50, 200 events in the prompt), cross-attention to a
@@ -89,12 +92,12 @@ def main() -> None:
 
     project = OUT / f"quality-{args.dataset}-project"
     base = dataset_overrides(prepare(project, args.dataset))
-    base.update({key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.overrides)})
+    sets = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.overrides)}
     proj = Project(project)
     if not (proj.model_dir("barlow_twins") / "encoder.pt").exists():
         stages.pretrain(proj, proj.load_params(overrides=base), progress=False)
     for name in args.variants.split(","):
-        params = proj.load_params(overrides={**base, **VARIANTS[name]})
+        params = proj.load_params(overrides={**base, **VARIANTS[name], **sets})  # --set wins
         result = {**condition(proj, params, progress=True), "dataset": args.dataset, "machine": machine()}
         (OUT / f"user_llm-{args.dataset}-{name}.json").write_text(json.dumps(result, indent=2, default=str))
     results = {name: json.loads(path.read_text()) for name in VARIANTS
