@@ -70,11 +70,13 @@ def prepare(project: Path, dataset: str = "ml-100k", settings: list[str] | None 
 
 
 def refresh_settings(project: Path) -> None:
-    """The repository's current params.yaml and flows in a reused scratch project."""
+    """The repository's current params.yaml, flows and Feast definitions in a reused scratch project."""
     import shutil
 
     shutil.copy(REPO / "params.yaml", project / "params.yaml")
-    shutil.copytree(REPO / "flows", project / "flows", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("flows", "feature_repo"):
+        shutil.copytree(REPO / folder, project / folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
 
 
 def run_variant(project: Path, overrides: dict) -> dict:

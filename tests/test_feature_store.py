@@ -390,3 +390,14 @@ def test_a_slot_that_was_live_is_rewritten_only_after_the_grace_period(tmp_path)
     store = FeatureStore(repo_path=str(project.root / "feature_repo"))
     service = store.get_feature_service("user_embeddings")  # the stable name follows the cut-over
     assert [p.name for p in service.feature_view_projections] == ["user_embeddings_blue"]
+
+
+def test_a_feature_repo_that_predates_a_feature_set_is_refused_clearly(sqlite_project):
+    """An upgraded project whose feature_repo/ lacks a set's views: one clear error, nothing served."""
+    definitions = sqlite_project.root / "feature_repo" / "definitions.py"
+    text = definitions.read_text()
+    definitions.write_text(text[: text.index("user_embeddings_blue, user_embeddings_blue_service")])
+    path, _, _ = write_export(sqlite_project, "v1", seed=1)
+    with pytest.raises(ServingError, match="no Feast feature view user_embeddings_blue or user_embeddings_green"):
+        publish(sqlite_project, "v1", path)
+    assert not (sqlite_project.root / "data/feast/serving.json").exists()

@@ -115,8 +115,10 @@ def test_served_latents_answer_as_the_trained_model_does(project):
     torch.testing.assert_close(served, latents)  # what Feast serves is what the encoder computes
     tokenizer = language_model.tokenizer
     encoded = tokenizer(chat_prompt(tokenizer, QUESTION), return_tensors="pt", add_special_tokens=False)
-    expected = tokenizer.decode(model.generate(encoded["input_ids"], encoded["attention_mask"], latents, 6)[0],
-                                skip_special_tokens=True).strip()  # fmt: skip
+    from userlens.llm.serving import NO_REPEAT_NGRAM
+
+    tokens = model.generate(encoded["input_ids"], encoded["attention_mask"], latents, 6, NO_REPEAT_NGRAM)
+    expected = tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
     assert answer["text"] == expected
 
     unknown = invoke(root, *options, "ask", "no-such-user", QUESTION)

@@ -265,6 +265,7 @@ def publish_set(
         pointer = read_pointer(layout)
         slot = SLOTS[0] if pointer is None else SLOTS[1 - SLOTS.index(pointer["slot"])]
         apply_definitions(store, layout)
+        _check_views(store, layout)
         identity = _store_identity(store.config)
         record = read_json(layout.slot_record(slot)) if layout.slot_record(slot).exists() else {}
         reused = record == {"model_version": version, "users": table.num_rows, "store": identity}
@@ -309,6 +310,16 @@ def publish_set(
         "users_per_s": round(table.num_rows / seconds, 1) if seconds else None,
         "online_store": store.config.online_store.type,
     }
+
+
+def _check_views(store, layout: Layout) -> None:
+    """Both slots' views are defined (a project's feature_repo/ may predate a feature set)."""
+    defined = {view.name for view in store.list_feature_views()}
+    if missing := [layout.view(slot) for slot in SLOTS if layout.view(slot) not in defined]:
+        raise ServingError(
+            f"{layout.repo}: no Feast feature view {' or '.join(missing)}: its definitions predate "
+            f"{layout.features.name}; copy feature_repo/definitions.py from this version of userlens"
+        )
 
 
 def _point_service(store, layout: Layout, slot: str) -> None:

@@ -227,14 +227,21 @@ class UserConditionedLM(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, latents: torch.Tensor, max_new_tokens: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        latents: torch.Tensor,
+        max_new_tokens: int,
+        no_repeat_ngram_size: int = 0,
     ) -> torch.Tensor:
         """Greedy continuation of prompts for users with these latents: the new tokens only. The
-        prompts must not be padded (e.g. one at a time): the soft prompt goes after token 0."""
+        prompts must not be padded (e.g. one at a time): the soft prompt goes after token 0.
+        `no_repeat_ngram_size` > 0 forbids repeated n-grams (greedy small models loop)."""
         embeds, attention_mask, _ = self._inputs(input_ids, attention_mask, None, latents)
         with self._cross_attending(latents if self.projector is None else None):
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=self.lm.generation_config.pad_token_id)  # fmt: skip
+                                    do_sample=False, pad_token_id=self.lm.generation_config.pad_token_id,
+                                    no_repeat_ngram_size=no_repeat_ngram_size)  # fmt: skip
 
     @torch.no_grad()
     def answer_logprobs(

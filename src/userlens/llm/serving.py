@@ -28,6 +28,8 @@ from userlens.io import read_json
 from userlens.llm.pipeline import CONDITIONER, CONTEXT, MANIFEST, get_version
 from userlens.project import Project
 
+NO_REPEAT_NGRAM = 3  # answers: no repeated 3-grams (trained on one-answer targets, greedy SmolLM2 loops)
+
 
 def _layout(project: Project, params: Params):
     from userlens.feature_store import CONTEXT as CONTEXT_SET
@@ -122,7 +124,7 @@ class PersonalLM:
         latents = torch.from_numpy(vector).reshape(1, model.settings.latents, -1).to(model.device)
         encoded = tokenizer(chat_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False)
         new = model.generate(encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device),
-                             latents, max_new_tokens)  # fmt: skip
+                             latents, max_new_tokens, NO_REPEAT_NGRAM)  # fmt: skip
         text = tokenizer.decode(new[0], skip_special_tokens=True).strip()
         return Answer(str(user_id), question, text, version)
 
