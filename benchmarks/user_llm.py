@@ -43,12 +43,12 @@ VARIANTS = {  # name -> user_llm overrides
     "cross-attention-lora": {**CROSS, "user_llm.perceiver": False, "user_llm.latents": 1,
                              "user_llm.text_prompt_events": [], "user_llm.lora.rank": 8},
 }  # fmt: skip
-COSTS = ("prompt_tokens", "gflops_per_query", "ms_per_query")
 
 
 def table(dataset: str, results: dict[str, dict]) -> str:
     """One table over the variants: the baselines once (from the run that scored them), then
     each variant's conditioned row; headline metric per task, cost per query (mean over tasks)."""
+    from userlens.llm.pipeline import method_row
     from userlens.llm.tasks import HEADLINE
 
     first = next(iter(results.values()))
@@ -66,11 +66,7 @@ def table(dataset: str, results: dict[str, dict]) -> str:
              "| method | " + " | ".join(f"{t} {HEADLINE[t]}" for t in tasks)
              + " | prompt tokens | GFLOPs / query | ms / query (CPU) |",
              "|---|" + "---:|" * (len(tasks) + 3)]  # fmt: skip
-    for label, (by_task, _) in rows.items():
-        cells = [f"{by_task[t][HEADLINE[t]]:.3f}" if by_task[t] else "—" for t in tasks]
-        present = [by_task[t] for t in tasks if by_task[t]]
-        means = [sum(entry[c] for entry in present) / len(present) for c in COSTS]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {means[0]:.0f} | {means[1]:.2f} | {means[2]:.0f} |")
+    lines += [method_row(label, tasks, [by_task[t] for t in tasks]) for label, (by_task, _) in rows.items()]
     lines += ["", "| variant | training steps | seconds | steps/s | selected step |", "|---|---:|---:|---:|---:|"]
     for name, result in results.items():
         t = result["training"]

@@ -81,7 +81,7 @@ def test_a_soft_prompt_puts_k_user_vectors_after_the_first_token_and_masks_their
     users = batch_of([3, 5])
     out = model(users, ids, mask, labels)
     assert out.logits.shape == (2, 3 + 6, 50)
-    logits = model.text_logits(out.logits, True)
+    logits = torch.cat([out.logits[:, :1], out.logits[:, 1 + 3 :]], dim=1)  # the text's own positions
     assert logits.shape == (2, 6, 50)
     answer = logits[:, 3:5].log_softmax(-1).gather(-1, ids[:, 4:, None]).squeeze(-1)
     assert torch.allclose(out.loss, -answer.mean(), atol=1e-5)  # only the answer tokens count
@@ -373,8 +373,13 @@ def test_userlens_condition_trains_scores_and_keeps_a_version(small_sequences, t
     assert result.exit_code == 0, result.output
     report = json.loads((project.reports_dir / "user_llm.json").read_text())
     scores = report["scores"]["favourite_category"]
-    assert set(scores) == {"no context", "text prompt (last 3 events)", "text prompt (last 3 events), calibrated",
-                           "conditioned (cross_attention)", "linear probe (Barlow Twins embedding)"}
+    assert set(scores) == {
+        "no context",
+        "text prompt (last 3 events)",
+        "text prompt (last 3 events), calibrated",
+        "conditioned (cross_attention)",
+        "linear probe (Barlow Twins embedding)",
+    }
     assert all(0 <= v["accuracy"] <= 1 for v in scores.values()) and report["users"]["test"] == 20
     assert "| conditioned (cross_attention) |" in result.output
     saved = torch.load(project.root / "data/user_llm" / report["version"] / "conditioner.pt", weights_only=True)

@@ -414,6 +414,13 @@ def _lock(layout: Layout):
 # --- the slot table: export columns + per-user scalars ---------------------------------------------
 
 
+def version_table(export: Path, features: FeatureSet, at: datetime) -> pa.Table:
+    """A stored version's rows (a Parquet file with the set's columns, e.g. user_interest.parquet)
+    as a slot table, every row stamped `at`."""
+    frame = pl.read_parquet(export).with_columns(event_timestamp=pl.lit(at).cast(pl.Datetime("us", "UTC")))
+    return frame.select(features.schema.names).to_arrow().cast(features.schema)
+
+
 def slot_table(embeddings: Path, model_version: str, sequences_dir: Path, at: datetime) -> pa.Table:
     """An export Parquet of `model_version` as slot rows (scalars from data/sequences where present)."""
     try:

@@ -219,10 +219,9 @@ def _layout(project: Project, params: Params):
 
 
 def _slot_table(export: Path, at: datetime) -> pa.Table:
-    from userlens.feature_store import INTEREST
+    from userlens.feature_store import INTEREST, version_table
 
-    frame = pl.read_parquet(export).with_columns(event_timestamp=pl.lit(at).cast(pl.Datetime("us", "UTC")))
-    return frame.select(INTEREST.schema.names).to_arrow().cast(INTEREST.schema)
+    return version_table(export, INTEREST, at)
 
 
 def publish_interest(

@@ -218,7 +218,7 @@ class UserConditionedLM(nn.Module):
     ):
         """The LM's output on `input_ids` (right-padded) conditioned on `batch`'s users, or on
         their stored `latents` [B, k, d_user] (both None: the plain LM). Soft prompts add k
-        positions after the first token (labels -100 there); `text_logits` drops them again."""
+        positions after the first token (labels -100 there, and logits at them in the output)."""
         if latents is None and batch is not None:
             latents = self.user_latents(batch)
         embeds, attention_mask, labels = self._inputs(input_ids, attention_mask, labels, latents)
@@ -279,9 +279,3 @@ class UserConditionedLM(nn.Module):
         if labels is not None:
             labels = torch.cat([labels[:, :1], labels.new_full(prompt.shape[:2], -100), labels[:, 1:]], dim=1)
         return embeds, attention_mask, labels
-
-    def text_logits(self, logits: torch.Tensor, conditioned: bool) -> torch.Tensor:
-        """The logits at the text's own positions (without the soft prompt's)."""
-        if not conditioned or self.projector is None:
-            return logits
-        return torch.cat([logits[:, :1], logits[:, 1 + self.settings.latents :]], dim=1)

@@ -168,11 +168,17 @@ def _scores(model, tokenizer, data, task: str, asked: list, with_history: dict[i
         out[name], raw = run(name, questions, False)
         assert all(q.choices == a.choices for q, a in zip(questions, asked, strict=True))  # the same answers
         calibrated = task_metrics(task, [r - p for r, p in zip(raw, prior, strict=True)], questions)
-        cost = {key: out[name][key] + out["no context"][key] for key in ("prompt_tokens", "gflops_per_query",
-                                                                         "ms_per_query")}  # fmt: skip
+        cost = {key: out[name][key] + out["no context"][key] for key in COSTS}
         out[f"{name}, calibrated"] = {**calibrated, **cost}
     out[f"conditioned ({model.settings.mode})"] = run("conditioned", asked, True)[0]
     return out
+
+
+def _per_user(data, device, compute) -> np.ndarray:
+    """compute(batch) for every user of `data`, BATCH_USERS at a time, without gradients, as float32."""
+    with torch.no_grad():
+        return np.concatenate([compute(data.batch(range(s, min(s + BATCH_USERS, data.n_users))).to(device))
+                               .float().cpu().numpy() for s in range(0, data.n_users, BATCH_USERS)])  # fmt: skip
 
 
 def _probe(model, data, sequences_dir, train: np.ndarray, test: np.ndarray) -> dict:
@@ -185,10 +191,7 @@ def _probe(model, data, sequences_dir, train: np.ndarray, test: np.ndarray) -> d
 
     labels = build_tasks(sequences_dir)["favourite_category"].labels
     train, test = train[labels[train] >= 0], test[labels[test] >= 0]
-    with torch.no_grad():
-        vectors = np.concatenate([model.encoder(data.batch(range(s, min(s + BATCH_USERS, data.n_users)))
-                                                .to(model.device)).float().cpu().numpy()
-                                  for s in range(0, data.n_users, BATCH_USERS)])  # fmt: skip
+    vectors = _per_user(data, model.device, model.encoder)
     scaler = StandardScaler().fit(vectors[train])
     probe = LogisticRegression(max_iter=2000).fit(scaler.transform(vectors[train]), labels[train])
     accuracy = float((probe.predict(scaler.transform(vectors[test])) == labels[test]).mean()) if len(test) else np.nan
@@ -204,12 +207,7 @@ def _save_version(project: Project, model, data, user_ids, settings, encoder_ver
     state = model.state_dict()
     digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in state.values())).hexdigest()[:8]
     version = f"user_llm-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{digest}"
-    model.eval()
-    with torch.no_grad():
-        latents = np.concatenate([
-            model.user_latents(data.batch(range(s, min(s + BATCH_USERS, data.n_users))).to(model.device))
-            .float().cpu().numpy() for s in range(0, data.n_users, BATCH_USERS)
-        ])  # fmt: skip
+    latents = _per_user(data, model.device, model.user_latents)  # the model is in eval mode since scoring
     users, k, user_dim = latents.shape
     rows = pl.DataFrame({"user_id": user_ids}).with_columns(
         user_context=pl.Series(latents.reshape(users, k * user_dim), dtype=pl.List(pl.Float32)),
@@ -226,6 +224,19 @@ def _save_version(project: Project, model, data, user_ids, settings, encoder_ver
     return version
 
 
+COSTS = ("prompt_tokens", "gflops_per_query", "ms_per_query")  # per query, beside each method's quality
+
+
+def method_row(label: str, tasks: list[str], entries: list[dict | None]) -> str:
+    """One method's table row: its headline metric per task ("—" where it has none), then its
+    cost per query averaged over the tasks it answers."""
+    from userlens.llm.tasks import HEADLINE
+
+    cells = [f"{entry[HEADLINE[t]]:.3f}" if entry else "—" for t, entry in zip(tasks, entries, strict=True)]
+    tokens, gflops, ms = (np.mean([entry[c] for entry in entries if entry]) for c in COSTS)
+    return f"| {label} | " + " | ".join([*cells, f"{tokens:.0f}", f"{gflops:.2f}", f"{ms:.0f}"]) + " |"
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"User-conditioned LM {result['version']}: {result['mode']}, k = {result['latents']}"
@@ -238,18 +249,12 @@ def markdown(result: dict[str, Any]) -> str:
 
     tasks = list(result["scores"])
     methods = list(dict.fromkeys(m for t in tasks for m in result["scores"][t]))  # a probe answers one task
-    costs = ("prompt_tokens", "gflops_per_query", "ms_per_query")
     lines += ["Headline metric per task: " + ", ".join(f"{t} {HEADLINE[t]}" for t in tasks)
               + " (answers scored by the LM's likelihood; next_item among its candidates). Cost per query "
               "(a question scored with all its choices, the prompt once), mean over the tasks.", "",
               "| method | " + " | ".join(tasks) + " | prompt tokens | GFLOPs / query | ms / query |",
-              "|---|" + "---:|" * (len(tasks) + len(costs))]  # fmt: skip
-    for method in methods:
-        found = [result["scores"][t].get(method) for t in tasks]
-        cells = [f"{entry[HEADLINE[t]]:.3f}" if entry else "—" for t, entry in zip(tasks, found, strict=True)]
-        means = [np.mean([entry[c] for entry in found if entry]) for c in costs]
-        cells += [f"{means[0]:.0f}", f"{means[1]:.2f}", f"{means[2]:.0f}"]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+              "|---|" + "---:|" * (len(tasks) + len(COSTS))]  # fmt: skip
+    lines += [method_row(method, tasks, [result["scores"][t].get(method) for t in tasks]) for method in methods]
     training = result["training"]
     if training["steps"] and training["seconds"]:
         lines += ["", f"Training: {training['steps'] / training['seconds']:.2f} steps/s "

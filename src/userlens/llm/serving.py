@@ -16,11 +16,7 @@ PersonalLM        the Python API for serving code: a user's latents read from th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
-
-import polars as pl
-import pyarrow as pa
 
 from userlens.config import Params, UserLLMParams
 from userlens.errors import ServingError, UserlensError
@@ -63,20 +59,13 @@ def skip_reason(project: Project, version: str | None = None) -> str | None:
 def publish_context(project: Project, params: Params, version: str | None = None, progress: bool = False) -> dict:
     """Serve a conditioner version's latents (the latest by default): standby slot, check, cut-over."""
     from userlens.feature_store import CONTEXT as CONTEXT_SET
-    from userlens.feature_store import publish_set
+    from userlens.feature_store import publish_set, version_table
 
     if reason := skip_reason(project, version):
         raise UserlensError(f"user_context not published: {reason}")
-    folder = get_version(project, version)
-
-    def table(at: datetime) -> pa.Table:
-        frame = pl.read_parquet(folder / CONTEXT).with_columns(
-            event_timestamp=pl.lit(at).cast(pl.Datetime("us", "UTC"))
-        )
-        return frame.select(CONTEXT_SET.schema.names).to_arrow().cast(CONTEXT_SET.schema)
-
-    return publish_set(_layout(project, params), params.serving, table, source=str(folder / CONTEXT),
-                       progress=progress)  # fmt: skip
+    export = get_version(project, version) / CONTEXT
+    return publish_set(_layout(project, params), params.serving, lambda at: version_table(export, CONTEXT_SET, at),
+                       source=str(export), progress=progress)  # fmt: skip
 
 
 def served_context(project: Project, params: Params) -> dict | None:
