@@ -5,8 +5,14 @@ CUDA), (2) the model FLOPs of one training step (two views, forward + backward) 
 torch.utils.flop_counter, (3) the wall time of that step. Achieved = FLOPs / time; the figure
 is achieved / peak. Full-length sequences (every user has max_length events).
 
+With --sequences (a project's data/sequences: real history lengths), also the same steps on
+those users' histories, batches drawn at random (each padded to its longest user) against
+batches of similar length (`pretrain.length_buckets`), the same batches timed in alternating
+rounds in one run: sequences/s, useful (non-padding) events/s, padding share, FLOP ratio.
+
     python benchmarks/training_speed.py                  # CPU (and CUDA when present)
     python benchmarks/training_speed.py --batch 64 --length 100 --threads 1
+    python benchmarks/training_speed.py --sequences benchmarks/out/quality-ml-100k-project/data/sequences
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine  # noqa: E402
+from common import OUT, REPO, machine  # noqa: E402
 from userlens.augment import two_views  # noqa: E402
 from userlens.config import AugmentParams, ModelParams  # noqa: E402
 from userlens.data import N_SPECIAL, Batch  # noqa: E402
@@ -98,6 +104,68 @@ def measure(device: torch.device, args) -> dict:
     }
 
 
+def measure_buckets(device: torch.device, args) -> list[dict]:
+    """Barlow Twins steps on real histories (augmentations as params.yaml's), random batches vs
+    length buckets: FLOPs counted on each mode's batches once, then the same batches timed in
+    alternating rounds (the machine is shared: both modes see the same noise)."""
+    from userlens.config import load_params
+    from userlens.data import SequenceData
+    from userlens.train import epoch_order
+
+    params = load_params(REPO / "params.yaml")
+    data = SequenceData.load(args.sequences, args.length)
+    torch.manual_seed(0)
+    model = BarlowTwins(UserEncoder.for_data(params.model, data), (256, 256), 0.005).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    autocast = device.type == "cuda"
+
+    def step(users: torch.Tensor, generator: torch.Generator) -> None:
+        view1, view2 = two_views(data.batch(users), params.augment, generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(view1.to(device), view2.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    users = torch.arange(data.n_users)
+    modes = {"random batches": 1, f"length_buckets={args.buckets}": args.buckets}
+    batches, flops = {}, {}
+    for name, buckets in modes.items():
+        order = epoch_order(users, 0, 0, args.batch, data.lengths, buckets)
+        batches[name] = list(order[: len(order) // args.batch * args.batch].split(args.batch))[: args.steps]
+        with FlopCounterMode(display=False) as counter:
+            for users_ in batches[name]:
+                step(users_, torch.Generator().manual_seed(1))
+        flops[name] = counter.get_total_flops()
+    seconds = dict.fromkeys(modes, 0.0)
+    for _ in range(args.rounds):
+        for name in modes:
+            generator = torch.Generator().manual_seed(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for users_ in batches[name]:
+                step(users_, generator)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - started
+    peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for name in modes:
+        real = sum(int(data.lengths[u].sum()) for u in batches[name])
+        computed = sum(len(u) * int(data.lengths[u].max()) for u in batches[name])
+        per_round = seconds[name] / args.rounds
+        rows.append({
+            "batches": name, "steps": len(batches[name]),
+            "sequences_per_s": len(batches[name]) * args.batch / per_round,
+            "useful_events_per_s": real / per_round,
+            "padding_share": 1 - real / computed,
+            "achieved_gflops": flops[name] / per_round / 1e9,
+            "fraction_of_peak": flops[name] / per_round / peak,
+        })  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
@@ -108,14 +176,20 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1682)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per device")
+    parser.add_argument("--sequences", type=Path, help="a data/sequences folder: also random vs length-bucketed "
+                        "batches on its real history lengths")  # fmt: skip
+    parser.add_argument("--buckets", type=int, default=8, help="pretrain.length_buckets of the bucketed mode")
+    parser.add_argument("--steps", type=int, default=20, help="steps per mode per round (--sequences)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (--sequences)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = [measure(d, args) for d in devices]
+    buckets = {str(d): measure_buckets(d, args) for d in devices} if args.sequences else {}
     OUT.mkdir(exist_ok=True)
     (OUT / "training_speed.json").write_text(
-        json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=2)
+        json.dumps({"machine": machine(), "args": vars(args), "rows": rows, "buckets": buckets}, indent=2, default=str)
     )
     print(f"Machine: {machine()}")
     print(f"Barlow Twins step: batch {args.batch}, length {args.length}, d_model {args.d_model}, "
@@ -125,6 +199,18 @@ def main() -> None:
     for r in rows:
         print(f"| {r['device']} | {r['sequences_per_s']:,.0f} | {r['step_ms']:,.0f} | {r['gflop_per_step']:.1f} | "
               f"{r['achieved_gflops']:,.1f} | {r['peak_gflops']:,.1f} | {r['fraction_of_peak']:.1%} |")  # fmt: skip
+
+    for device, bucket_rows in buckets.items():
+        print(f"\nReal history lengths ({args.sequences}), {device}, batch {args.batch}, max length {args.length}, "
+              f"{args.steps} steps x {args.rounds} alternating rounds per mode\n")  # fmt: skip
+        print("| batches | sequences/s | useful events/s | padding share | achieved GFLOP/s | of peak |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in bucket_rows:
+            print(f"| {r['batches']} | {r['sequences_per_s']:,.0f} | {r['useful_events_per_s']:,.0f} | "
+                  f"{r['padding_share']:.1%} | {r['achieved_gflops']:,.1f} | "
+                  f"{r['fraction_of_peak']:.1%} |")  # fmt: skip
+        ratio = bucket_rows[1]["useful_events_per_s"] / bucket_rows[0]["useful_events_per_s"]
+        print(f"\nuseful events/s, buckets vs random: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, set_params
-from userlens import feature_store, serving
+from test_vector_index import exact_neighbours
+from userlens import feature_store, serving, vector_index
 from userlens.cli import cli
 from userlens.embeddings import export_embeddings
 from userlens.errors import DataError, ServingError
@@ -192,10 +193,15 @@ def test_cut_over_abort_and_rollback(store_project, monkeypatch):
     ids = exports["v1"][1]
     store = reader(store_project)
 
+    similar = serving.SimilarUsers(store_project.root / "feature_repo", store_project.load_params().serving)
+
     def served(expected: str) -> None:
         got, found, version = store.get(ids)
         assert version == expected and found.all()
         assert got.tobytes() == exports[expected][2].tobytes()
+        neighbours, version = similar.of(ids[3], k=5)  # from the index of the same version
+        assert version == expected
+        assert [user for user, _ in neighbours] == [ids[i] for i in exact_neighbours(exports[expected][2], 3, 5)]
 
     assert publish(store_project, "v1", exports["v1"][0])["slot"] == "blue"
     served("v1")
@@ -213,6 +219,16 @@ def test_cut_over_abort_and_rollback(store_project, monkeypatch):
     served("v2")  # the v3 rows went into the standby slot (blue), which nobody reads
     blue = store._read({"slot": "blue", "model_version": "v3", "dim": DIM}, ids)[1]
     assert 0 < blue.sum() < USERS  # ... and it really was half-written
+    v2_index = feature_store.serving_state(store_project, store_project.load_params())["index"]
+
+    def no_index(*args, **kwargs):
+        raise RuntimeError("injected index failure")
+
+    monkeypatch.setattr(vector_index, "build", no_index)  # everything written and read back, then this
+    with pytest.raises(RuntimeError, match="injected index"):
+        publish(store_project, "v3", exports["v3"][0])
+    monkeypatch.undo()
+    served("v2")
 
     rollback = publish(store_project, "v1", exports["v1"][0])  # the previous version's Parquet again
     assert rollback["slot"] == "blue" and rollback["rewritten"]  # blue held half of v3: rewritten
@@ -220,6 +236,11 @@ def test_cut_over_abort_and_rollback(store_project, monkeypatch):
     again = publish(store_project, "v2", exports["v2"][0])  # green still fully holds v2: flip only
     assert again["slot"] == "green" and not again["rewritten"]
     served("v2")
+    state = feature_store.serving_state(store_project, store_project.load_params())
+    assert state["index"] == v2_index  # ... and its index too
+    index_files = sorted(p.name for p in (store_project.root / "data" / "feast" / "index").glob("*.faiss"))
+    records = [json.loads(p.read_text())["index"]["file"] for p in store_project.root.glob("data/feast/slots/*.json")]
+    assert index_files == sorted(records) and len(index_files) == 2  # the live one and the standby's
     history = feature_store.serving_state(store_project, store_project.load_params())["history"]
     assert [h["model_version"] for h in history] == ["v1", "v2", "v1"]
 
@@ -251,6 +272,8 @@ def test_refresh_writes_only_changed_users(sqlite_project):
     assert result["changed"] == 11 and result["users"] == USERS + 1
     got, found, _ = reader(sqlite_project).get(new_ids)
     assert found.all() and got.tobytes() == new_vectors.tobytes()
+    neighbours, _ = serving.SimilarUsers(sqlite_project.root / "feature_repo").of("newcomer", k=5)
+    assert [user for user, _ in neighbours] == [new_ids[i] for i in exact_neighbours(new_vectors, USERS, 5)]
 
 
 def test_publish_refuses_bad_input(sqlite_project):
@@ -309,7 +332,7 @@ def test_cli_lookup_and_similar(sqlite_project):
 
     done = runner.invoke(cli, [*base, "similar", ids[3], "-k", "5", "--json"])
     assert done.exit_code == 0, done.output
-    got = json.loads(done.output)["neighbours"]
+    got = json.loads(done.stdout)["neighbours"]
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     scores = unit @ unit[3]
     scores[3] = -np.inf

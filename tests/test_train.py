@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from userlens.config import PretrainParams
-from userlens.train import BEST, CHECKPOINT, CURVES, collapse_stats, fit, pick_device, warmup_cosine
+from userlens.train import BEST, CHECKPOINT, CURVES, collapse_stats, epoch_order, fit, pick_device, warmup_cosine
 
 N_USERS, DIM = 64, 8
 FEATURES = torch.randn(N_USERS, DIM, generator=torch.Generator().manual_seed(0))
@@ -144,3 +144,21 @@ def test_collapse_monitor_tells_collapse_from_spread():
 def test_device_is_cpu_here_unless_asked():
     assert pick_device("cpu").type == "cpu"
     assert pick_device().type in ("cpu", "cuda", "mps")
+
+
+def test_length_buckets_batch_users_of_about_one_length_and_still_cover_the_epoch():
+    users = torch.arange(1000)
+    lengths = torch.from_numpy(np.random.default_rng(0).integers(1, 200, 1000))
+    random = epoch_order(users, seed=3, epoch=2, batch_size=50, lengths=lengths)
+    bucketed = epoch_order(users, seed=3, epoch=2, batch_size=50, lengths=lengths, length_buckets=10)
+    assert torch.equal(bucketed, epoch_order(users, 3, 2, 50, lengths, 10))  # seeded: resumable
+    assert sorted(bucketed.tolist()) == list(range(1000))  # every user once
+
+    def spread(order):  # mean (longest - shortest) within a batch
+        return np.mean([float(b.max() - b.min()) for b in lengths[order].split(50)])
+
+    assert spread(bucketed) < spread(random) / 4
+    window = set(random[:500].tolist())  # the first window's users, in other batches
+    assert set(bucketed[:500].tolist()) == window and not torch.equal(bucketed[:50], random[:50])
+    firsts = lengths[bucketed[:500]].split(50)
+    assert not all(a.max() <= b.min() for a, b in zip(firsts, firsts[1:], strict=False))  # shuffled, not in order

@@ -156,6 +156,9 @@ class PretrainParams(TrainLoopParams):
     temperature: float = Field(0.1, gt=0)  # dual encoder: softmax temperature
     logq_correction: bool = False  # dual encoder: subtract log item frequency from logits
     max_pairs: int = Field(4096, ge=1)  # dual encoder: (prefix, next item) pairs per step, at most
+    # Batches cut from the epoch's users sorted by history length within windows of this many
+    # batches (each padded to about its users' length); 1 = every batch a random draw.
+    length_buckets: int = Field(1, ge=1)
     # Users whose future labels drive selection (rounds, recipes); left out of the downstream evaluation.
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
 
@@ -224,6 +227,10 @@ class ServingParams(_Section):
     # A slot that was live is rewritten only this many seconds after its cut-over, so that Feast
     # clients (registry refreshed every 5 s) have moved on; 0 for a store only userlens reads.
     retire_grace_s: float = Field(10.0, ge=0)
+    # Similar users (vector_index.py): each publish tunes the index to this recall@10 against the
+    # exact scan; below `similar_exact_below` users the index is exact.
+    similar_recall: float = Field(0.97, gt=0, le=1)
+    similar_exact_below: int = Field(20_000, ge=0)
 
 
 class DvcParams(_Section):

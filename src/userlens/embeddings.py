@@ -30,23 +30,65 @@ EXPORT_SCHEMA = pa.schema(
 )
 
 
+BUCKET_USERS = 65_536  # users sorted by length together; one output array per bucket window
+TOKENS_PER_USER = 32  # sorted batches hold up to batch_size x this many positions
+
+
 @torch.no_grad()
 def embed_batches(
-    encoder: torch.nn.Module, data: SequenceData, users: np.ndarray | None = None, batch_size: int = 1024
+    encoder: torch.nn.Module,
+    data: SequenceData,
+    users: np.ndarray | None = None,
+    batch_size: int = 1024,
+    by_length: bool = True,
 ) -> Iterator[np.ndarray]:
-    """Embeddings of `users` (default: all, in user_index order), one float32 array per batch."""
+    """Embeddings of `users` (default: all, in user_index order), as float32 arrays in that order.
+
+    `by_length`: within each window of BUCKET_USERS users, batches are cut from the users sorted
+    by history length, so a batch is padded to about its own users' length, not to the longest
+    user in a random thousand (at 10 events a user, most of a mixed batch is padding), and long
+    histories come in fewer users per batch (a budget of positions, `_cut`). Padding
+    is masked, so the vectors are the same either way up to float rounding. One array per window
+    (by_length) or per batch.
+    """
     device = next(encoder.parameters()).device
     users = np.arange(data.n_users) if users is None else np.asarray(users)
     was_training = encoder.training
     encoder.eval()
     try:
-        for start in range(0, len(users), batch_size):
-            batch = data.batch(torch.as_tensor(users[start : start + batch_size])).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = encoder(batch)
-            yield out.float().cpu().numpy()
+        window = BUCKET_USERS if by_length else batch_size
+        for begin in range(0, len(users), window):
+            chosen = users[begin : begin + window]
+            order = np.argsort(data.lengths[chosen].numpy(), kind="stable") if by_length else np.arange(len(chosen))
+            out = None
+            for rows in _cut(order, data.lengths[chosen].numpy(), batch_size, by_length):
+                batch = data.batch(torch.as_tensor(chosen[rows])).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    vectors = encoder(batch).float().cpu().numpy()
+                if out is None:
+                    out = np.empty((len(chosen), vectors.shape[1]), np.float32)
+                out[rows] = vectors
+            if out is not None:
+                yield out
     finally:
         encoder.train(was_training)
+
+
+def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, by_length: bool) -> Iterator[np.ndarray]:
+    """Rows of each batch. Sorted: as many users as fit `batch_size` x TOKENS_PER_USER positions
+    at the batch's longest history (so the long tail comes in smaller batches), at most batch_size."""
+    if not by_length:
+        yield from (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+        return
+    budget, start = batch_size * TOKENS_PER_USER, 0
+    sorted_lengths = np.maximum(lengths[order], 1)
+    while start < len(order):
+        # the largest n with n * sorted_lengths[start + n - 1] <= budget (lengths ascend), at least 1
+        ends = np.arange(1, min(batch_size, len(order) - start) + 1)
+        fits = ends * sorted_lengths[start : start + len(ends)] <= budget
+        n = max(1, int(fits.nonzero()[0][-1]) + 1 if fits.any() else 1)
+        yield order[start : start + n]
+        start += n
 
 
 def embed_users(encoder: torch.nn.Module, data: SequenceData, users: np.ndarray | None = None) -> np.ndarray:
@@ -54,11 +96,16 @@ def embed_users(encoder: torch.nn.Module, data: SequenceData, users: np.ndarray 
 
 
 def embed_sequences(
-    encoder: torch.nn.Module, sequences_dir: Path, max_length: int, vocabulary=None, chunk_users: int = 50_000
+    encoder: torch.nn.Module,
+    sequences_dir: Path,
+    max_length: int,
+    vocabulary=None,
+    chunk_users: int = 50_000,
+    by_length: bool = True,
 ) -> Iterator[np.ndarray]:
     """Embeddings of every user of data/sequences/, streamed: memory bounded by one chunk of users."""
     for chunk in SequenceData.chunks(sequences_dir, max_length, vocabulary, chunk_users):
-        yield from embed_batches(encoder, chunk)
+        yield from embed_batches(encoder, chunk, by_length=by_length)
 
 
 def export_embeddings(

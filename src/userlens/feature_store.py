@@ -65,6 +65,7 @@ class FeatureSet:
     pointer_file: str
     slot_stem: str  # slot files: slots/<slot_stem><slot>.parquet (and .json)
     publish_command: str  # what publishes it, for messages
+    indexed: bool = False  # a similar-users index is built for each published version (vector_index.py)
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -84,7 +85,7 @@ class FeatureSet:
 
 # n_events: history + future events in data/sequences; last_event_at: epoch seconds, UTC.
 EMBEDDINGS = FeatureSet("user_embeddings", "embedding", "model_version", ("n_events", "last_event_at"),
-                        "serving.json", "", "userlens materialize")  # fmt: skip
+                        "serving.json", "", "userlens materialize", indexed=True)  # fmt: skip
 # n_partitions: closed partitions fused; interest_events: events the vector has seen (closed + open cache).
 INTEREST = FeatureSet("user_interest", "user_interest", "interest_version", ("n_partitions", "interest_events"),
                       "interest.json", "interest-", "userlens materialize --interest")  # fmt: skip
@@ -133,6 +134,10 @@ class Layout:
 
     def mean_file(self, version: str) -> Path:
         return self.state / "means" / f"{version}.npy"
+
+    @property
+    def index_folder(self) -> Path:
+        return self.state / "index"
 
 
 def _read_yaml(path: Path) -> dict:
@@ -268,14 +273,19 @@ def publish_set(
         _check_views(store, layout)
         identity = _store_identity(store.config)
         record = read_json(layout.slot_record(slot)) if layout.slot_record(slot).exists() else {}
-        reused = record == {"model_version": version, "users": table.num_rows, "store": identity}
+        holds = {"model_version": version, "users": table.num_rows, "store": identity}
+        reused = {key: record.get(key) for key in holds} == holds
         if not reused:
             _wait_until_retired(pointer, serving.retire_grace_s)
             _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
         verify_slot(store, layout, slot, table)
-        write_json_atomic(layout.slot_record(slot), {"model_version": version, "users": table.num_rows,
-                                                     "store": identity})  # fmt: skip
         vectors = list_vectors(table[features.vector])
+        if features.indexed:
+            index = record.get("index") if reused else None
+            if index is None or not (layout.index_folder / index["file"]).exists():
+                index = _build_index(layout, serving, slot, table["user_id"], vectors)
+            holds["index"] = index
+        write_json_atomic(layout.slot_record(slot), holds)
         layout.mean_file(version).parent.mkdir(parents=True, exist_ok=True)
         save_array_atomic(layout.mean_file(version), vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
         history = ([_summary(pointer)] + pointer.get("history", []))[:HISTORY] if pointer else []
@@ -289,6 +299,8 @@ def publish_set(
             "source": source,
             "history": history,
         }
+        if features.indexed:
+            new_pointer["index"] = holds["index"]
         # The cut-over: the stable feature service (one registry write), then the pointer (one
         # atomic rename); if the pointer cannot be written, the service goes back.
         _point_service(store, layout, slot)
@@ -299,6 +311,7 @@ def publish_set(
             if pointer is not None:
                 _point_service(store, layout, pointer["slot"])
             raise
+        _remove_unused_indexes(layout)
     seconds = time.perf_counter() - started
     log.info("serving %s %s from slot %s (%d users, %.1f s)", features.name, version, slot, table.num_rows, seconds)
     return {
@@ -342,6 +355,24 @@ def _wait_until_retired(pointer: dict | None, grace_s: float) -> None:
     if left > 0:
         log.info("waiting %.1fs for Feast clients to leave the slot that was live until the last cut-over", left)
         time.sleep(left)
+
+
+def _build_index(layout: Layout, serving: ServingParams, slot: str, user_ids: pa.Array, vectors: np.ndarray) -> dict:
+    from userlens import vector_index
+
+    index = vector_index.build(layout.index_folder, f"{layout.features.name}-{slot}", user_ids, vectors,
+                               serving.similar_recall, serving.similar_exact_below)  # fmt: skip
+    log.info("similar-users index for slot %s: %s", slot, index)
+    return index
+
+
+def _remove_unused_indexes(layout: Layout) -> None:
+    """Keep the index files the pointer and the slot records name (the standby one serves a rollback)."""
+    from userlens import vector_index
+
+    named = [read_pointer(layout)] + [read_json(p) for p in map(layout.slot_record, SLOTS) if p.exists()]
+    keep = {entry["index"]["file"] for entry in named if entry and entry.get("index")}
+    vector_index.remove_unlisted(layout.index_folder, keep, prefix=layout.features.name)
 
 
 def _summary(pointer: dict) -> dict:
@@ -531,14 +562,20 @@ def refresh_set(
         changed = joined.filter(differs).select(new.columns)
         merged = pl.concat([old.join(changed, on="user_id", how="anti"), changed])
         if changed.height:
-            write_parquet_atomic(layout.slot_parquet(slot), merged.to_arrow().cast(features.schema))
+            merged_table = merged.to_arrow().cast(features.schema)
+            write_parquet_atomic(layout.slot_parquet(slot), merged_table)
             output = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
             with output:  # materialize_incremental prints its progress
                 store.materialize_incremental(end_date=now + timedelta(seconds=1), feature_views=[layout.view(slot)])
             pointer.update(users=merged.height, refreshed_at=utc_now())
-            record = read_json(layout.slot_record(slot))
-            write_json_atomic(layout.slot_record(slot), {**record, "users": merged.height})
+            record = {**read_json(layout.slot_record(slot)), "users": merged.height}
+            if features.indexed:  # rebuilt whole: seconds at 1M users, and never a stale neighbour
+                pointer["index"] = record["index"] = _build_index(
+                    layout, serving, slot, merged_table["user_id"], list_vectors(merged_table[features.vector])
+                )
+            write_json_atomic(layout.slot_record(slot), record)
             write_json_atomic(layout.pointer, pointer)
+            _remove_unused_indexes(layout)
     seconds = time.perf_counter() - started
     return {"model_version": version, "slot": slot, "changed": changed.height, "users": merged.height,
             "seconds": round(seconds, 3)}  # fmt: skip

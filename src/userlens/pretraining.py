@@ -137,6 +137,8 @@ def _fit(model, encoder, step_loss, data, params, labels, out_dir, desc, progres
         embed=lambda m: embed_users(encoder, data, monitor),
         score=lambda emb: score(emb[: len(val_users)]),
         train_users=train_users,
+        lengths=data.lengths,
+        length_buckets=params.pretrain.length_buckets,
         params=params.pretrain,
         out_dir=out_dir,
         desc=desc,

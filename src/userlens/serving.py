@@ -1,4 +1,4 @@
-"""Reading the served user embeddings: the `UserEmbeddings` client, similar users, `feast serve`.
+"""Reading the served user embeddings: the `UserEmbeddings` client, `SimilarUsers`, `feast serve`.
 
 Readers see only the model version the serving pointer names; feature_store.py writes the
 slots and flips the pointer.
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 
 from userlens.config import Params, ServingParams
@@ -28,8 +27,9 @@ from userlens.feature_store import (
     open_store,
     repo_config,
 )
-from userlens.io import list_vectors, read_json
+from userlens.io import read_json
 from userlens.project import Project
+from userlens.vector_index import LoadedIndex
 
 # --- reading: the serving client -----------------------------------------------------------------
 
@@ -147,31 +147,54 @@ def reader(
     )
 
 
-# --- similar users: exact cosine over the served version ------------------------------------------
+# --- similar users: from the served version's index ---------------------------------------------
 
 
-def similar(project: Project, params: Params, user_id: str, k: int = 10) -> list[tuple[str, float]]:
-    """The k users nearest to `user_id` by cosine similarity, in the served version.
+class SimilarUsers:
+    """Similar users of the served version, from the index its publish built (vector_index.py).
 
-    The query vector comes from the online store; the neighbours from an exact scan of the
-    served slot's Parquet (Feast 0.67's sqlite vector search only loads sqlite-vec on
-    Python 3.10, so it is not available here; see feature_repo/README.md).
+    >>> similar = SimilarUsers("feature_repo")
+    >>> neighbours, version = similar.of("42", k=10)    # [(user_id, cosine), ...] best first
+    >>> similar.like(vector, k=10)                        # the same for any vector
+
+    The query user's vector comes from the online store; the index switches with the pointer.
     """
-    embeddings = reader(project, params, fallback="none")
-    vector, found, version = embeddings.get_one(user_id)
-    if not found:
-        raise ServingError(f"unknown user {user_id!r}: not in the served version {version}")
-    pointer = embeddings.pointer()
-    table = pq.read_table(embeddings.layout.slot_parquet(pointer["slot"]), columns=["user_id", "embedding"])
-    matrix = list_vectors(table["embedding"])
-    ids = table["user_id"].to_numpy(zero_copy_only=False)
-    norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(vector)), 1e-12)
-    scores = matrix @ vector / np.maximum(norms, 1e-12)
-    scores[ids == user_id] = -np.inf  # never the user itself
-    k = min(k, len(ids) - 1)
-    top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], np.int64)
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return [(str(ids[i]), float(scores[i])) for i in top]
+
+    def __init__(self, repo_path: str | Path, serving: ServingParams | None = None):
+        self.embeddings = UserEmbeddings(repo_path, "none", serving)
+        self._loaded: LoadedIndex | None = None
+
+    def of(self, user_id: str, k: int = 10) -> tuple[list[tuple[str, float]], str]:
+        """The k users nearest to `user_id` (never the user itself), and the version they are from."""
+        for _ in range(2):  # a cut-over between reading the vector and the index: once more
+            index = self._index()
+            vector, found, version = self.embeddings.get_one(user_id)
+            if not found:
+                raise ServingError(f"unknown user {user_id!r}: not in the served version {version}")
+            if version == index.manifest["model_version"]:
+                return index.search(vector, k, exclude=str(user_id)), version
+        raise ServingError("the served version changed twice during one similar-users query; try again")
+
+    def like(self, vector: np.ndarray, k: int = 10) -> list[tuple[str, float]]:
+        return self._index().search(np.asarray(vector, np.float32), k)
+
+    def _index(self) -> LoadedIndex:
+        pointer = self.embeddings.pointer()
+        manifest = pointer.get("index")
+        if manifest is None:
+            raise ServingError(
+                f"the served version {pointer['model_version']} has no similar-users index (published by an "
+                "earlier userlens): run `userlens materialize` again"
+            )
+        manifest = {**manifest, "model_version": pointer["model_version"]}
+        if self._loaded is None or self._loaded.manifest != manifest:
+            self._loaded = LoadedIndex.load(self.embeddings.layout.index_folder, manifest)
+        return self._loaded
+
+
+def similar(project: Project, params: Params, user_id: str, k: int = 10) -> tuple[list[tuple[str, float]], str]:
+    """The k users nearest to `user_id` by cosine similarity in the served version, and that version."""
+    return SimilarUsers(project.root / params.serving.repo, params.serving).of(user_id, k)
 
 
 # --- feast serve ---------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
 
 
 STEP_SALT = 104_729  # step generators never coincide with epoch generators
+BUCKET_SALT = 15_485_863  # ... nor with the generator that shuffles length-sorted batches
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -96,6 +97,32 @@ class FitResult:
     seconds: float = 0.0
 
 
+def epoch_order(
+    users: torch.Tensor,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    lengths: torch.Tensor | None = None,
+    length_buckets: int = 1,
+) -> torch.Tensor:
+    """The users of one epoch, batch after batch: a seeded permutation. With `length_buckets` = W
+    > 1, each window of W batches is sorted by history length, cut into batches, and the batches
+    shuffled, so each batch holds users of about one length (little padding) while the users of a
+    batch are still drawn at random from the window. Depends on (seed, epoch) only: resumable."""
+    order = users[torch.randperm(len(users), generator=epoch_generator(seed, epoch))]
+    if lengths is None or length_buckets <= 1:
+        return order
+    span, shuffle = batch_size * length_buckets, epoch_generator(seed, epoch, BUCKET_SALT)
+    full = len(order) // batch_size * batch_size  # the ragged rest is never a step (see fit)
+    pieces = []
+    for start in range(0, full, span):
+        window = order[start : min(start + span, full)]
+        window = window[torch.argsort(lengths[window], stable=True)]
+        batches = window.split(batch_size)
+        pieces += [batches[i] for i in torch.randperm(len(batches), generator=shuffle)]
+    return torch.cat([*pieces, order[full:]])
+
+
 # step_loss(model, user_indices, generator) -> scalar loss tensor (on the model's device)
 StepLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -109,6 +136,8 @@ def fit(
     params: TrainLoopParams,
     out_dir: Path,
     *,
+    lengths: torch.Tensor | None = None,
+    length_buckets: int = 1,
     desc: str = "train",
     progress: bool = True,
     stop_after_rounds: int | None = None,
@@ -116,7 +145,8 @@ def fit(
     """Train for `params.steps` steps, checkpointing every round into `out_dir`; resume from its
     checkpoint if present. `stop_after_rounds` ends this call early (as a kill after that
     round's checkpoint would): calling `fit` again resumes. The selected weights end up in
-    `out_dir/best.pt` and in `model`."""
+    `out_dir/best.pt` and in `model`. `lengths` (every user's history length) and
+    `length_buckets` > 1 batch users of similar length together (epoch_order)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -145,7 +175,7 @@ def fit(
             epoch, slot = divmod(step, steps_per_epoch)
             if epoch != order_epoch:  # each epoch: one seeded permutation of the users
                 order_epoch = epoch
-                order = users[torch.randperm(len(users), generator=epoch_generator(params.seed, epoch))]
+                order = epoch_order(users, params.seed, epoch, batch_size, lengths, length_buckets)
             batch_users = order[slot * batch_size : (slot + 1) * batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = step_loss(model, batch_users, step_generator(params.seed, step))

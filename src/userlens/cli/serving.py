@@ -224,16 +224,17 @@ def lookup(obj: Context, user_ids, as_json, fallback, interest, context):
 def similar(obj: Context, user_id, k, as_json):
     """The k users most similar to USER_ID (cosine of the served embeddings).
 
+    From the similar-users index each publish builds (exact below serving.similar_exact_below
+    users, else tuned to serving.similar_recall against the exact scan).
+
     \b
     Examples:
       userlens similar 42
       userlens similar 42 -k 5 --json
     """
-    from userlens import feature_store, serving
+    from userlens import serving
 
-    params = obj.params()
-    neighbours = serving.similar(obj.project, params, user_id, k)
-    version = feature_store.serving_state(obj.project, params)["model_version"]
+    neighbours, version = serving.similar(obj.project, obj.params(), user_id, k)
     if as_json:
         rows = [{"user_id": uid, "score": score} for uid, score in neighbours]
         click.echo(json.dumps({"user_id": user_id, "model_version": version, "neighbours": rows}))
