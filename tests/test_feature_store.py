@@ -28,7 +28,7 @@ from userlens import feature_store, serving, vector_index
 from userlens.cli import cli
 from userlens.embeddings import export_embeddings
 from userlens.errors import DataError, ServingError
-from userlens.feast_values import online_rows
+from userlens.feast_values import encoded_columns, entity_keys, online_rows
 from userlens.project import Project
 
 pytestmark = pytest.mark.integration
@@ -156,10 +156,10 @@ def test_slot_rows_carry_scalars_from_sequences(sqlite_project):
     assert table["last_event_at"].to_pylist() == [9, 50, 10]
 
 
-def test_online_rows_are_what_write_to_online_store_would_write(sqlite_project):
-    """The fast writer's rows equal Feast's own conversion in write_to_online_store (nulls included), byte for byte."""
-    path, ids, _ = write_export(sqlite_project, "v1", seed=1, users=5)
-    seq = sqlite_project.sequences_dir
+def slot_with_nulls(project: Project, at: datetime):
+    """Five users' slot table, some scalars null, and the project's store with the views applied."""
+    path, ids, _ = write_export(project, "v1", seed=1, users=5)
+    seq = project.sequences_dir
     seq.mkdir(parents=True)
     pl.DataFrame({"user_index": [0, 1], "user_id": ids[:2], "n_history": [4, 0], "n_future": [1, 0]}).write_parquet(
         seq / "users.parquet"
@@ -167,16 +167,23 @@ def test_online_rows_are_what_write_to_online_store_would_write(sqlite_project):
     pl.DataFrame(
         {"user_index": [0, 1], "history_timestamp": [[1, 2], []], "future_timestamp": [[9], []]}
     ).write_parquet(seq / "sequences.parquet")
-    table = feature_store.slot_table(path, "v1", seq, datetime(2024, 5, 1, 12, tzinfo=UTC))
+    table = feature_store.slot_table(path, "v1", seq, at)
     assert table["n_events"].null_count == 3 and table["last_event_at"].null_count == 4
-    params = sqlite_project.load_params()
-    layout = feature_store.Layout.of(sqlite_project.root / params.serving.repo)
-    (sqlite_project.root / "data" / "feast").mkdir(parents=True)
+    params = project.load_params()
+    layout = feature_store.Layout.of(project.root / params.serving.repo)
+    (project.root / "data" / "feast").mkdir(parents=True)
     store = feature_store.open_store(layout, params.serving)
     feature_store.apply_definitions(store, layout)
+    return table, store
+
+
+def test_online_rows_are_what_write_to_online_store_would_write(sqlite_project):
+    """The encoded rows equal Feast's own conversion in write_to_online_store (nulls included), byte for byte."""
+    at = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    table, store = slot_with_nulls(sqlite_project, at)
     view = store.get_feature_view("user_embeddings_blue")
     feast_rows = store._get_provider()._prep_rows_to_write_for_ingestion(view, table.to_pandas())
-    ours = online_rows(view, table, feature_store.EMBEDDINGS)
+    ours = online_rows(encoded_columns(view, table, feature_store.EMBEDDINGS), at)
     assert len(ours) == len(feast_rows) == 5
     for (key, values, ts, created), (fkey, fvalues, fts, fcreated) in zip(ours, feast_rows, strict=True):
         assert key.SerializeToString() == fkey.SerializeToString()
@@ -185,6 +192,52 @@ def test_online_rows_are_what_write_to_online_store_would_write(sqlite_project):
             k: v.SerializeToString() for k, v in fvalues.items()
         }
         assert ts == fts.replace(tzinfo=UTC) and created is None and fcreated is None
+
+
+def stored_rows(store, view) -> list:
+    """Everything the online store holds for `view`, as raw stored values, in a stable order."""
+    config = store.config
+    if config.online_store.type == "sqlite":
+        conn = store._get_provider().online_store._get_conn(config)
+        columns = "entity_key, feature_name, value, value_text, vector_value, event_ts, created_ts"
+        sql = f"SELECT {columns} FROM {config.project}_{view.name} ORDER BY entity_key, feature_name"
+        return conn.execute(sql).fetchall()
+    client = store._get_provider().online_store._get_client(config.online_store)
+    return sorted((key, sorted(client.hgetall(key).items())) for key in client.keys("*"))
+
+
+def test_the_bulk_writer_stores_what_feasts_own_writer_stores(store_project):
+    """Byte for byte on sqlite and Redis, nulls included; then Feast's get_online_features reads it back."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+
+    from userlens.online_store import FeastTable, table_for
+
+    at = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    table, store = slot_with_nulls(store_project, at)
+    view = store.get_feature_view("user_embeddings_blue")
+    rows = encoded_columns(view, table, feature_store.EMBEDDINGS)
+    fast = table_for(store, view)
+    assert type(fast) is not FeastTable  # the bulk path, not the provider's
+    FeastTable(store, view).write(rows, at)  # Feast's own online_write_batch
+    feasts = stored_rows(store, view)
+    assert len(feasts) == (20 if store.config.online_store.type == "sqlite" else 5)
+    if store.config.online_store.type == "sqlite":
+        store._get_provider().online_store._get_conn(store.config).execute(f"DELETE FROM userlens_{view.name}")
+    else:
+        store._get_provider().online_store._get_client(store.config.online_store).flushdb()
+    fast.write(rows, at)
+    assert stored_rows(store, view) == feasts
+    got = store.get_online_features(features=[f"{view.name}:{f}" for f in feature_store.EMBEDDINGS.features],
+                                    entity_rows=[{"user_id": u} for u in rows.user_ids]).to_dict()  # fmt: skip
+    assert got["model_version"] == ["v1"] * 5 and got["n_events"] == table["n_events"].to_pylist()
+    assert [np.asarray(v, np.float32).tobytes() for v in got["embedding"]] == [
+        np.asarray(v, np.float32).tobytes() for v in table["embedding"].to_pylist()
+    ]
+    # ... and the bulk reader reads the stored bytes, Feast's reader's values
+    assert fast.read(rows.user_ids, ["model_version"]) == FeastTable(store, view).read(rows.user_ids, ["model_version"])
+    for uid in ["", "u", "ünïcødé-ユーザー", "x" * 300]:
+        key = entity_keys([uid])[0]
+        assert fast.keys([uid]) == [serialize_entity_key(key, entity_key_serialization_version=3)]
 
 
 def test_cut_over_abort_and_rollback(store_project, monkeypatch):

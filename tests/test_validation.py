@@ -309,3 +309,38 @@ def test_more_than_max_drop_fraction_fails_naming_the_check_and_keeps_the_old_qu
     )
     assert "Quarantine: none written (validation failed)" in report.summary()
     assert (quarantine_dir / "interactions.parquet").read_bytes() == before
+
+
+def _outcome(report: ValidationReport) -> list[tuple]:
+    """What a run decided, check by check: the same on every GX engine (examples as a set; a
+    type check's message names the engine's own type)."""
+    return [(c.where, c.check, c.success, c.unexpected_count, c.element_count, c.quarantined,
+             c.message if c.check != "column_type" else None, sorted(map(repr, c.examples)))
+            for c in report.checks]  # fmt: skip
+
+
+CORPUS = {
+    **{name: (_tables(c.rows(_clean_rows()) if c.rows else None, items=c.items, users=c.users), PARAMS)
+       for name, c in FAILURES.items()},
+    **{f"{rule} under drop": (_tables(r.rows(_clean_rows())), DROP) for rule, r in REPAIRS.items()},
+    "clean": (_tables(), PARAMS),
+    "no rating scale, implicit feedback": (_tables([(u, i, t, None) for u, i, t, _ in _clean_rows()],
+                                                   rating_scale=None), PARAMS),
+    "several problems at once": (_tables(_duplicate(1, rating=7.0)(_set(0, user_id=None)(_clean_rows())),
+                                         items=["i1", "i2", "i2"]), PARAMS),
+    "over the drop budget": (_tables(_set(2, rating=9.0)(_set(1, rating=7.0)(_clean_rows()))),
+                             DROP.model_copy(update={"max_drop_fraction": 0.1})),
+    "short users fail": (_tables(_clean_rows()[:12]), PARAMS.model_copy(update={"short_users": "fail"})),
+    "empty interactions": (_tables([]), PARAMS),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_the_duckdb_engine_decides_as_the_pandas_engine(name, tmp_path):
+    """GX's SQL engine on DuckDB and its pandas engine: the same checks fail, with the same counts and messages."""
+    tables, params = CORPUS[name]
+    pandas = _run(tables, tmp_path / "pandas", params.model_copy(update={"engine": "pandas"}))
+    duckdb = _run(tables, tmp_path / "duckdb", params.model_copy(update={"engine": "duckdb"}))
+    assert _outcome(duckdb) == _outcome(pandas)
+    assert duckdb.success == pandas.success and duckdb.quarantined.equals(pandas.quarantined)
+    assert len(duckdb.checks) >= 15  # every expectation evaluated, not skipped

@@ -10,7 +10,7 @@ Readers (serving.py) read the pointer, then only the served slot, and count a ro
 version is not the pointer's as not found, so one batch never mixes two versions and a
 publish that fails half-way leaves the served version whole. Everything Feast and userlens
 keep lives beside the Feast registry (`data/feast/` of the project); the Feast row format is
-in feast_values.py.
+in feast_values.py, the bulk reads and writes in online_store.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import yaml
 
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, DataError, ServingError
-from userlens.feast_values import online_rows
+from userlens.feast_values import encoded_columns
 from userlens.io import list_vectors, read_json, save_array_atomic, utc_now, write_json_atomic, write_parquet_atomic
 from userlens.locking import file_lock
 from userlens.project import Project
@@ -280,11 +280,13 @@ def publish_set(
             _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
         verify_slot(store, layout, slot, table)
         vectors = list_vectors(table[features.vector])
+        index_started = time.perf_counter()
         if features.indexed:
             index = record.get("index") if reused else None
             if index is None or not (layout.index_folder / index["file"]).exists():
                 index = _build_index(layout, serving, slot, table["user_id"], vectors)
             holds["index"] = index
+        index_seconds = time.perf_counter() - index_started
         write_json_atomic(layout.slot_record(slot), holds)
         layout.mean_file(version).parent.mkdir(parents=True, exist_ok=True)
         save_array_atomic(layout.mean_file(version), vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
@@ -321,6 +323,7 @@ def publish_set(
         "rewritten": not reused,
         "seconds": round(seconds, 3),
         "users_per_s": round(table.num_rows / seconds, 1) if seconds else None,
+        "index_s": round(index_seconds, 3),  # of `seconds`: the similar-users index (built or reused)
         "online_store": store.config.online_store.type,
     }
 
@@ -384,27 +387,28 @@ def _chunk_written(slot: str, written: int, total: int) -> None:
 
 
 def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime, progress: bool, chunk: int) -> None:
-    """Slot Parquet (the view's offline source) + online rows, in chunks through the online store's write.
+    """Slot Parquet (the view's offline source) + online rows, in chunks, in Feast's storage format.
 
-    Each chunk goes to the provider's `online_write_batch` (Feast's online-store interface, so
-    Feast's storage format) as the rows `online_rows` builds straight from Arrow: what
-    write_to_online_store does, without its generic pandas -> proto conversion (~40% of its
-    time). verify_slot then reads a sample back through get_online_features. Recording the
-    interval afterwards lets `refresh` continue with materialize_incremental.
+    Each chunk goes to the online store in bulk (online_store.py: Feast's own upsert on sqlite,
+    the HSETs of Feast's own writer on Redis), as the bytes `encoded_columns` builds straight
+    from Arrow. verify_slot then reads a sample back through Feast's get_online_features.
+    Recording the interval afterwards lets `refresh` continue with materialize_incremental.
     """
     from tqdm import tqdm
+
+    from userlens.online_store import table_for
 
     layout.slot_record(slot).unlink(missing_ok=True)  # from here on the slot holds nothing trusted
     path = layout.slot_parquet(slot)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(path, table)
     view = store.get_feature_view(layout.view(slot))
-    provider = store._get_provider()
+    online = table_for(store, view)
     total = table.num_rows
     with tqdm(total=total, desc=f"materialize {view.name}", unit="user", disable=not progress) as bar:
         for start in range(0, total, chunk):
             part = table.slice(start, chunk)
-            provider.online_write_batch(store.config, view, online_rows(view, part, layout.features), None)
+            online.write(encoded_columns(view, part, layout.features), at)
             bar.update(part.num_rows)
             _chunk_written(slot, start + part.num_rows, total)
     store.registry.apply_materialization(view, store.project, at - timedelta(seconds=1), at + timedelta(seconds=1))
@@ -413,7 +417,7 @@ def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime,
 def verify_slot(store, layout: Layout, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) -> None:
     """Read up to `sample` users (always the first and the last) back: same version, same bits.
 
-    Through get_online_features, Feast's standard read, so what online_rows wrote is checked by Feast's own reader.
+    Through get_online_features, Feast's standard read, so what userlens wrote is checked by Feast's own reader.
     """
     n = table.num_rows
     rows = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))

@@ -16,7 +16,7 @@ import yaml
 
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, ServingError
-from userlens.feast_values import decode_embeddings, entity_keys
+from userlens.feast_values import decode_vectors, string_value
 from userlens.feature_store import (
     EMBEDDINGS,
     REDIS_URL_ENV,
@@ -61,7 +61,7 @@ class UserEmbeddings:
         self._pointer: dict | None = None
         self._pointer_key: tuple | None = None
         self._means: dict[str, np.ndarray] = {}
-        self._views: dict[str, Any] = {}
+        self._tables: dict[str, Any] = {}
 
     @property
     def store(self):
@@ -107,26 +107,27 @@ class UserEmbeddings:
         return vectors[0], bool(found[0]), version
 
     def _read(self, pointer: dict, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """One online_read of the served slot (the online store's own read, as get_online_features does)."""
+        """One bulk read of the served slot's stored bytes (online_store.py, Feast's format)."""
         if not ids:
             return np.empty((0, pointer["dim"]), np.float32), np.zeros(0, bool)
-        view = self._view(pointer["slot"])
-        keys = entity_keys(ids)
         vector, tag = self.layout.features.vector, self.layout.features.version
-        rows = self.store._get_provider().online_read(self.store.config, view, keys, [vector, tag])
+        stored = self._table(pointer["slot"]).read(ids, [vector, tag])
         version, dim = pointer["model_version"], pointer["dim"]
-        found = np.array([bool(f) and tag in f and f[tag].string_val == version for _, f in rows], dtype=bool)
+        expected = string_value(version)
+        found = np.fromiter((t == expected for t in stored[tag]), bool, len(ids))
         vectors = np.empty((len(ids), dim), np.float32)
         hits = np.flatnonzero(found)
         if hits.size:
-            vectors[hits] = decode_embeddings([rows[i][1][vector] for i in hits], dim)
+            vectors[hits] = decode_vectors([stored[vector][i] for i in hits], dim)
         return vectors, found
 
-    def _view(self, slot: str):
-        """The slot's FeatureView from the registry, once per reader (the definitions do not change)."""
-        if slot not in self._views:
-            self._views[slot] = self.store.get_feature_view(self.layout.view(slot))
-        return self._views[slot]
+    def _table(self, slot: str):
+        """The slot's online table, once per reader (the definitions do not change)."""
+        from userlens.online_store import table_for
+
+        if slot not in self._tables:
+            self._tables[slot] = table_for(self.store, self.store.get_feature_view(self.layout.view(slot)))
+        return self._tables[slot]
 
     def _fallback(self, pointer: dict) -> np.ndarray:
         if self.fallback == "zeros":

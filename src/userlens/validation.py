@@ -7,8 +7,9 @@ into `ValidationFailed`. Every check below is a GX expectation evaluated by GX:
 
 interactions
   expect_column_to_exist                   user_id, item_id, timestamp, rating
-  expect_column_values_to_be_of_type       user_id, item_id: str; timestamp: int64
-  expect_column_values_to_be_in_type_list  rating: float32 or float64 (see _to_pandas)
+  expect_column_values_to_be_of_type       user_id, item_id: str; timestamp: int64 (the
+                                           engine's names for them, gx_engines.DIALECTS)
+  expect_column_values_to_be_in_type_list  rating: float32 (or float64 on pandas)
   expect_column_values_to_not_be_null      user_id, item_id, timestamp (a null rating is
                                            implicit feedback)
   expect_column_values_to_be_between       rating within tables.rating_scale (none when the
@@ -17,7 +18,8 @@ interactions
                                            not after now + future_tolerance_seconds ("in the
                                            future") - two expectations, two clear messages
   expect_compound_columns_to_be_unique     all four columns: no exact duplicate events; rows
-                                           with a null rating count (ignore_row_if="never")
+                                           with a null rating count (ignore_row_if="never";
+                                           on DuckDB through rating_or_nan, gx_engines.Dialect)
   expect_column_values_to_be_null          item_id_missing_from_items, a derived column (the
                                            item_id when items lacks it, else null; a polars
                                            is_in), so the examples are the missing ids
@@ -53,9 +55,9 @@ On success the dropped rows (with their row number in the canonical table) are w
 `<quarantine_dir>/interactions.parquet`, replacing the folder in one step; short users are
 counted on the rows that remain, which is what the sequences stage keeps.
 
-Each table is converted to pandas once (see _to_pandas for the dtypes, chosen so that GX
-takes its vectorised paths) and validated by its own Checkpoint (a GX pandas batch is
-passed at run time, and a Checkpoint passes the same dataframe to all its definitions).
+Each table is validated by its own Checkpoint on the engine `params.engine` names
+(gx_engines.py): GX's pandas engine on a pandas copy of the table, or GX's SQL engine on a
+DuckDB view over a Parquet copy of it; the two give the same results (tests/test_validation.py).
 Data Docs are built once at the end: UpdateDataDocsAction would re-render the site for every
 table. Results use result_format SUMMARY with a few examples; every GX result becomes a
 `CheckResult` whose sentence comes from the _MESSAGES table (both in validation_results.py).
@@ -74,9 +76,7 @@ from typing import Any
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
-import pandas as pd
 import polars as pl
-import pyarrow as pa
 from great_expectations.data_context.types.base import (
     DataContextConfig,
     InMemoryStoreBackendDefaults,
@@ -84,6 +84,7 @@ from great_expectations.data_context.types.base import (
 )
 from great_expectations.expectations.metadata_types import FailureSeverity
 
+from userlens import gx_engines
 from userlens.config import ValidationParams
 from userlens.io import atomic_dir, file_sha256
 from userlens.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, USERS_KEY_SCHEMA, CanonicalTables, outside_scale
@@ -105,13 +106,6 @@ PER_USER_TABLE = "interactions_per_user"
 INTERACTIONS_KEYS = ("user_id", "item_id", "timestamp")  # never null; rating may be
 DOCS_SITE = "userlens"
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
-
-# Polars canonical dtype -> the type name GX checks on the pandas frame we hand it.
-# Float32 is widened to float64 for speed (see _to_pandas), so a float column may read either.
-_GX_TYPE_NAMES = {pl.String: ["str"], pl.Int64: ["int64"], pl.Float32: ["float32", "float64"]}
-
-# Arrow type -> pandas dtype for the frames GX sees (others keep pyarrow's numpy default).
-_PANDAS_DTYPES = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
 
 _SHORT_USER_RULES = {
     "drop": "excluded from sequences",
@@ -216,40 +210,44 @@ def validate_tables(
         "items": tables.items,
         "users": tables.users,
     }
+    dialect = gx_engines.DIALECTS[params.engine]
     suites = {
-        "interactions": interactions_expectations(params, tables.rating_scale, now),
-        "items": items_expectations(),
-        "users": users_expectations(),
+        "interactions": interactions_expectations(params, tables.rating_scale, now, dialect),
+        "items": items_expectations(dialect),
+        "users": users_expectations(dialect),
     }
     if params.short_users == "fail":
         frames[PER_USER_TABLE] = per_user
         suites[PER_USER_TABLE] = per_user_expectations(params)
 
     context = _context(data_docs_dir)
-    source = context.data_sources.add_pandas("userlens")
+    runner = gx_engines.engine(params.engine, context, frames)
     checks: list[CheckResult] = []
-    for table, expectations in suites.items():
-        t0 = time.perf_counter()
-        frame = _to_pandas(frames[table])
-        logger.debug("%s: %s rows as pandas in %.2f s", table, f"{len(frame):,}", time.perf_counter() - t0)
-        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("whole")
-        suite = context.suites.add(gx.ExpectationSuite(name=table, expectations=expectations))
-        validation = gx.ValidationDefinition(name=table, data=batch, suite=suite)
-        definition = context.validation_definitions.add(validation)
-        checkpoint = context.checkpoints.add(
-            gx.Checkpoint(
-                name=table,
-                validation_definitions=[definition],
-                result_format=_result_format(table),
+    try:
+        for table, expectations in suites.items():
+            t0 = time.perf_counter()
+            batch, batch_parameters = runner.batch(table)
+            logger.debug("%s: %s rows ready for GX in %.2f s", table, f"{frames[table].height:,}",
+                         time.perf_counter() - t0)  # fmt: skip
+            suite = context.suites.add(gx.ExpectationSuite(name=table, expectations=expectations))
+            validation = gx.ValidationDefinition(name=table, data=batch, suite=suite)
+            definition = context.validation_definitions.add(validation)
+            checkpoint = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=table,
+                    validation_definitions=[definition],
+                    result_format=_result_format(table),
+                )
             )
-        )
-        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
-        del frame
-        order = {e.id: i for i, e in enumerate(suite.expectations)}  # GX returns its own order
-        for suite_result in outcome.run_results.values():
-            results = sorted(suite_result.results, key=lambda r: order[r.expectation_config.id])
-            checks += [check_result(table, r, frames[table], quarantine) for r in results]
-        logger.debug("%s: validated in %.2f s", table, time.perf_counter() - t0)
+            outcome = checkpoint.run(batch_parameters=batch_parameters)
+            del batch_parameters
+            order = {e.id: i for i, e in enumerate(suite.expectations)}  # GX returns its own order
+            for suite_result in outcome.run_results.values():
+                results = sorted(suite_result.results, key=lambda r: order[r.expectation_config.id])
+                checks += [check_result(table, r, frames[table], quarantine) for r in results]
+            logger.debug("%s: validated in %.2f s", table, time.perf_counter() - t0)
+    finally:
+        runner.close()
     apply_repairs(checks, quarantine)
 
     context.build_data_docs(site_names=[DOCS_SITE])
@@ -312,10 +310,10 @@ def _repairable(exp: gxe.Expectation, params: ValidationParams) -> gxe.Expectati
     return exp
 
 
-def _columns_exist_with_types(columns: dict[str, Any], typed: tuple[str, ...]) -> list:
+def _columns_exist_with_types(columns: dict[str, Any], typed: tuple[str, ...], dialect: gx_engines.Dialect) -> list:
     exps = [_expect("column_exists", gxe.ExpectColumnToExist, column=c) for c in columns]
     for c in typed:
-        names = _GX_TYPE_NAMES[columns[c]]
+        names = dialect.types[columns[c]]
         if len(names) == 1:
             exp = _expect("column_type", gxe.ExpectColumnValuesToBeOfType, column=c, type_=names[0])
         else:
@@ -325,10 +323,11 @@ def _columns_exist_with_types(columns: dict[str, Any], typed: tuple[str, ...]) -
 
 
 def interactions_expectations(
-    params: ValidationParams, rating_scale: tuple[float, float] | None, now: int
+    params: ValidationParams, rating_scale: tuple[float, float] | None, now: int, dialect: gx_engines.Dialect
 ) -> list[gxe.Expectation]:
+    """`dialect`: what the engine needs said its own way (gx_engines.DIALECTS)."""
     between = gxe.ExpectColumnValuesToBeBetween
-    exps = _columns_exist_with_types(INTERACTIONS_SCHEMA, tuple(INTERACTIONS_SCHEMA))
+    exps = _columns_exist_with_types(INTERACTIONS_SCHEMA, tuple(INTERACTIONS_SCHEMA), dialect)
     exps += [
         _repairable(_expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column=c), params) for c in INTERACTIONS_KEYS
     ]
@@ -346,7 +345,8 @@ def interactions_expectations(
             _expect(
                 "no_duplicate_events",
                 gxe.ExpectCompoundColumnsToBeUnique,
-                column_list=list(INTERACTIONS_SCHEMA),
+                label=list(INTERACTIONS_SCHEMA),
+                column_list=list(dialect.same_event),
                 ignore_row_if="never",
             ),
             params,
@@ -368,17 +368,17 @@ def interactions_expectations(
     return exps
 
 
-def items_expectations() -> list[gxe.Expectation]:
+def items_expectations(dialect: gx_engines.Dialect) -> list[gxe.Expectation]:
     return [
-        *_columns_exist_with_types(ITEMS_SCHEMA, ("item_id",)),
+        *_columns_exist_with_types(ITEMS_SCHEMA, ("item_id",), dialect),
         _expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column="item_id"),
         _expect("unique", gxe.ExpectColumnValuesToBeUnique, column="item_id"),
     ]
 
 
-def users_expectations() -> list[gxe.Expectation]:
+def users_expectations(dialect: gx_engines.Dialect) -> list[gxe.Expectation]:
     return [
-        *_columns_exist_with_types(USERS_KEY_SCHEMA, ("user_id",)),
+        *_columns_exist_with_types(USERS_KEY_SCHEMA, ("user_id",), dialect),
         _expect("not_null", gxe.ExpectColumnValuesToNotBeNull, column="user_id"),
         _expect("unique", gxe.ExpectColumnValuesToBeUnique, column="user_id"),
     ]
@@ -469,17 +469,6 @@ def _with_missing_items(interactions: pl.DataFrame, items: pl.DataFrame) -> pl.D
     known = known.cast(interactions.schema["item_id"]).drop_nulls().unique()
     missing = pl.when(pl.col("item_id").is_in(known.implode())).then(None).otherwise(pl.col("item_id"))
     return interactions.select(*present, missing.alias(MISSING_ITEM_COLUMN))
-
-
-def _to_pandas(frame: pl.DataFrame) -> pd.DataFrame:
-    """The frame GX sees. Strings become pyarrow-backed (compact, fast to hash and compare);
-    Float32 is widened to float64 and an Int64 without nulls stays numpy int64, because GX's
-    between-check is vectorised only for numpy int/float columns (else it loops in Python).
-    An Int64 column with nulls becomes pandas Int64 so its type still reads int64."""
-    wide = [pl.col(c).cast(pl.Float64) for c, t in frame.schema.items() if t == pl.Float32]
-    nullable_ints = any(t == pl.Int64 and frame[c].null_count() for c, t in frame.schema.items())
-    dtypes = {**_PANDAS_DTYPES, **({pa.int64(): pd.Int64Dtype()} if nullable_ints else {})}
-    return frame.with_columns(wide).to_arrow().to_pandas(types_mapper=dtypes.get, split_blocks=True)
 
 
 def _context(data_docs_dir: Path) -> Any:

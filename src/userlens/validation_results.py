@@ -98,7 +98,9 @@ def check_result(table: str, result: Any, frame: pl.DataFrame, quarantine: dict[
     columns = list(meta.get("columns") or kwargs.get("column_list") or [kwargs.get("column")])
     unexpected = None if res.get("unexpected_count") is None else int(res["unexpected_count"])
     total = int(res.get("element_count", frame.height))
-    examples = _examples(res, meta.get("examples_from"))
+    if unexpected is None and "element_count" in res and total == 0:
+        unexpected = 0  # GX's SQL engine reports no count on an empty table; pandas says 0
+    examples = [_relabel(e, columns) for e in _examples(res, meta.get("examples_from"))]
     fields = {
         "n": f"{unexpected or 0:,}",
         "total": f"{total:,}",
@@ -148,6 +150,13 @@ def _examples(res: dict[str, Any], key: str | None) -> list[Any]:
         if len(examples) == MAX_EXAMPLES:
             break
     return examples
+
+
+def _relabel(example: Any, columns: list[str]) -> Any:
+    """A row example under the reported column names (a check may read a derived column)."""
+    if isinstance(example, dict) and len(example) == len(columns):
+        return dict(zip(columns, example.values(), strict=True))
+    return example
 
 
 def _jsonable(value: Any) -> Any:

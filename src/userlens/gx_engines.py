@@ -1,0 +1,143 @@
+"""Where Great Expectations evaluates the suites: its pandas engine, or its SQL engine on DuckDB.
+
+validation.py builds the suites and reads the results; an engine turns a polars table into
+the GX batch the suites run on and names the column types as that engine reports them.
+
+- `pandas`: GX's PandasExecutionEngine on a pandas copy of each table (dtypes chosen so GX
+  takes its vectorised paths, see `to_pandas`).
+- `duckdb`: GX's SqlAlchemyExecutionEngine on DuckDB (through the duckdb-engine SQLAlchemy
+  dialect): each table is written once to Parquet (LZ4) in a scratch folder and is a DuckDB
+  view over that file, so every expectation is a SQL query over every row, run by DuckDB's
+  vectorised, multi-threaded engine instead of pandas; nothing is converted to pandas.
+
+Two library facts shape the DuckDB path (checked by tests/test_validation.py):
+- GX releases its SQLAlchemy connection before it fetches a metric query's rows, except for
+  the dialects it lists in `_PERSISTED_CONNECTION_DIALECTS` (sqlite, SQL Server, ...); DuckDB
+  drops a result with its connection, so GX would read no rows. `_keep_duckdb_connection`
+  adds DuckDB to that list, which makes GX keep one connection open, as it does for sqlite.
+- SQLAlchemy 2.1's PostgreSQL reflection (which duckdb-engine builds on) reads
+  `pg_catalog.pg_collation`, which DuckDB lacks, so GX could not read column types;
+  SQLAlchemy is pinned below 2.1 (pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+
+RATING_OR_NAN = "rating_or_nan"  # duckdb: rating with NaN for "no rating" (see Dialect.same_event)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What a suite must say differently on an engine.
+
+    types: polars canonical dtype -> the type names the engine's GX type check accepts.
+    same_event: the columns whose equal values make two rows one event. GX's SQL uniqueness
+    check joins group counts back with `=`, which never matches NULL to NULL, so two copies
+    of an event without a rating would pass; on DuckDB it reads `rating_or_nan` instead
+    (DuckDB compares NaN equal to NaN, and a real NaN rating never reaches GX: conform makes
+    it null). pandas compares nulls as equal on its own.
+    """
+
+    types: dict
+    same_event: tuple[str, ...]
+
+
+DIALECTS = {
+    # Float32 is widened to float64 for speed (see to_pandas), so a float column may read either.
+    "pandas": Dialect({pl.String: ["str"], pl.Int64: ["int64"], pl.Float32: ["float32", "float64"]},
+                      ("user_id", "item_id", "timestamp", "rating")),
+    # the SQLAlchemy types GX reflects from DuckDB's VARCHAR, BIGINT, FLOAT
+    "duckdb": Dialect({pl.String: ["String"], pl.Int64: ["BigInteger"], pl.Float32: ["FLOAT"]},
+                      ("user_id", "item_id", "timestamp", RATING_OR_NAN)),
+}  # fmt: skip
+
+# Arrow type -> pandas dtype for the frames GX sees (others keep pyarrow's numpy default).
+_PANDAS_DTYPES = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
+
+
+def to_pandas(frame: pl.DataFrame) -> pd.DataFrame:
+    """The frame GX's pandas engine sees. Strings become pyarrow-backed (compact, fast to hash
+    and compare); Float32 is widened to float64 and an Int64 without nulls stays numpy int64,
+    because GX's between-check is vectorised only for numpy int/float columns (else it loops
+    in Python). An Int64 column with nulls becomes pandas Int64 so its type still reads int64."""
+    wide = [pl.col(c).cast(pl.Float64) for c, t in frame.schema.items() if t == pl.Float32]
+    nullable_ints = any(t == pl.Int64 and frame[c].null_count() for c, t in frame.schema.items())
+    dtypes = {**_PANDAS_DTYPES, **({pa.int64(): pd.Int64Dtype()} if nullable_ints else {})}
+    return frame.with_columns(wide).to_arrow().to_pandas(types_mapper=dtypes.get, split_blocks=True)
+
+
+class PandasEngine:
+    name = "pandas"
+
+    def __init__(self, context: Any, frames: dict[str, pl.DataFrame]):
+        self.source, self.frames = context.data_sources.add_pandas("userlens"), frames
+
+    def batch(self, table: str) -> tuple[Any, dict | None]:
+        """(GX batch definition, batch parameters of the checkpoint run) for this table; its
+        pandas copy is made here, one table at a time."""
+        definition = self.source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("whole")
+        return definition, {"dataframe": to_pandas(self.frames[table])}
+
+    def close(self) -> None:
+        pass
+
+
+class DuckdbEngine:
+    name = "duckdb"
+
+    def __init__(self, context: Any, frames: dict[str, pl.DataFrame]):
+        import duckdb
+
+        _keep_duckdb_connection()
+        self.folder = Path(tempfile.mkdtemp(prefix="userlens-gx-"))
+        database = self.folder / "tables.duckdb"
+        try:  # every view before GX connects: DuckDB admits one configuration per open database
+            with duckdb.connect(str(database)) as connection:
+                for table, frame in frames.items():
+                    path = self.folder / f"{table}.parquet"
+                    frame.write_parquet(path, compression="lz4")
+                    extra = f", COALESCE(rating, 'NaN'::FLOAT) AS {RATING_OR_NAN}" if "rating" in frame.columns else ""
+                    connection.execute(f"CREATE VIEW \"{table}\" AS SELECT *{extra} FROM read_parquet('{path}')")
+            self.source = context.data_sources.add_sql("userlens", connection_string=f"duckdb:///{database}")
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def batch(self, table: str) -> tuple[Any, dict | None]:
+        return self.source.add_table_asset(table, table_name=table).add_batch_definition_whole_table("whole"), None
+
+    def close(self) -> None:
+        self.source.get_engine().dispose()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def engine(name: str, context: Any, frames: dict[str, pl.DataFrame]) -> PandasEngine | DuckdbEngine:
+    return {"pandas": PandasEngine, "duckdb": DuckdbEngine}[name](context, frames)
+
+
+class _DuckdbDialect(str):
+    """How GX names a dialect in that list: a str (compared with ==) carrying `.value`."""
+
+    value = "duckdb"
+
+
+def _keep_duckdb_connection() -> None:
+    from great_expectations.execution_engine import sqlalchemy_execution_engine as gx_sql
+
+    if not any(str(d) == "duckdb" for d in gx_sql._PERSISTED_CONNECTION_DIALECTS):
+        gx_sql._PERSISTED_CONNECTION_DIALECTS = (*gx_sql._PERSISTED_CONNECTION_DIALECTS, _DuckdbDialect("duckdb"))
+    # GX warns at every type check that it compares SQLAlchemy's own types for this dialect (as
+    # intended), and reflection that it has no SQLAlchemy type for a list column (never type-checked)
+    logging.getLogger("great_expectations.expectations.type_comparison").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Did not recognize type 'list'", module="duckdb_engine")

@@ -1,0 +1,143 @@
+"""Feast's sqlite and Redis online stores, written and read in bulk in Feast's own format.
+
+Feast's `online_write_batch` upserts one row per user per feature in a Python loop (sqlite), or
+reads every user's previous timestamp before one HSET per user (Redis); its `online_read`
+parses every stored ValueProto. Here the same bytes (feast_values.encoded_columns) go in with
+one `executemany` of Feast's own upsert statement per chunk (sqlite), or one pipeline of the
+HSETs Feast's `skip_dedup` path sends (Redis: a publish always writes the newest rows), and
+come back as the stored bytes, which feast_values decodes with numpy. The connections are
+Feast's own. A plain Feast client reads what this writes: tests compare the stored rows with
+Feast's writer's, byte for byte, and read them back through `get_online_features`.
+
+Other online stores, and sqlite tables with Feast's optional columns (vector search,
+`value_num`), go through Feast's provider interface instead (`FeastTable`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from userlens.feast_values import EncodedRows, entity_keys, online_rows, serialized_keys
+
+SQLITE_KEYS = 10_000  # keys per SELECT (sqlite caps the parameters of one statement)
+
+
+def table_for(store, view):
+    """The fastest faithful reader/writer of `view` in this store's online store."""
+    kind = store.config.online_store.type
+    if kind == "sqlite" and not _sqlite_extras(store.config):
+        return SqliteTable(store, view)
+    if kind == "redis":
+        return RedisTable(store, view)
+    return FeastTable(store, view)
+
+
+def _sqlite_extras(config) -> bool:
+    online = config.online_store
+    return bool(getattr(online, "vector_enabled", False) or getattr(online, "enable_openai_compatible_store", False))
+
+
+class FeastTable:
+    """Through Feast's provider: online_write_batch and online_read, for any online store."""
+
+    def __init__(self, store, view):
+        self.store, self.view = store, view
+        self.config = store.config
+        self.online = store._get_provider().online_store
+
+    def keys(self, user_ids: Sequence[str]) -> list[bytes]:
+        return serialized_keys(user_ids, self.config.entity_key_serialization_version)
+
+    def write(self, rows: EncodedRows, at: datetime) -> None:
+        """Each user's row (every feature of the view), stamped `at`."""
+        self.online.online_write_batch(self.config, self.view, online_rows(rows, at), None)
+
+    def read(self, user_ids: Sequence[str], features: Sequence[str]) -> dict[str, list[bytes | None]]:
+        """The stored bytes of these features for each user (None: not stored)."""
+        rows = self.online.online_read(self.config, self.view, entity_keys(user_ids), list(features))
+        return {f: [values[f].SerializeToString() if values and f in values else None for _, values in rows]
+                for f in features}  # fmt: skip
+
+
+class SqliteTable(FeastTable):
+    """Feast's sqlite table `<project>_<view>`: (entity_key, feature_name, value, value_text, ...)."""
+
+    def __init__(self, store, view):
+        super().__init__(store, view)
+        from feast.infra.online_stores.sqlite import _quote_id, _table_id
+
+        self.conn = self.online._get_conn(self.config)
+        self.table = _quote_id(_table_id(self.config.project, view,
+                                         self.config.registry.enable_online_feature_view_versioning))  # fmt: skip
+
+    def write(self, rows: EncodedRows, at: datetime) -> None:
+        """Feast's upsert (its columns: value_text as Feast derives it, no created_ts), one executemany."""
+        stamp = at.astimezone(UTC).replace(tzinfo=None)  # Feast stores naive UTC (to_naive_utc)
+        sql = (f"INSERT INTO {self.table} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
+               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+               "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
+               "created_ts = excluded.created_ts")  # fmt: skip
+        columns = [(name, values, rows.texts.get(name)) for name, values in rows.values.items()]
+        records = (
+            (key, name, values[i], texts[i] if texts else None, stamp, None)
+            for i, key in enumerate(self.keys(rows.user_ids))
+            for name, values, texts in columns
+        )
+        with self.conn:
+            self.conn.executemany(sql, records)
+
+    def read(self, user_ids: Sequence[str], features: Sequence[str]) -> dict[str, list[bytes | None]]:
+        """Feast's select, restricted to the asked features, SQLITE_KEYS users per statement."""
+        keys = self.keys(user_ids)
+        out: dict[str, list[bytes | None]] = {f: [None] * len(keys) for f in features}
+        position = {key: i for i, key in enumerate(keys)}
+        names = ",".join("?" * len(features))
+        for start in range(0, len(keys), SQLITE_KEYS):
+            part = keys[start : start + SQLITE_KEYS]
+            sql = (f"SELECT entity_key, feature_name, value FROM {self.table} "
+                   f"WHERE entity_key IN ({','.join('?' * len(part))}) AND feature_name IN ({names})")  # fmt: skip
+            for key, name, value in self.conn.execute(sql, [*part, *features]):
+                out[name][position[key]] = value
+        return out
+
+
+class RedisTable(FeastTable):
+    """Feast's Redis layout: one hash per entity (key: entity key + project), a field per
+    view:feature (murmur3), and `_ts:<view>` holding the row's Timestamp proto."""
+
+    def __init__(self, store, view):
+        super().__init__(store, view)
+        self.client = self.online._get_client(self.config.online_store)
+        self.project = self.config.project.encode()
+        self.ttl = self.config.online_store.key_ttl_seconds
+
+    @functools.cached_property
+    def fields(self) -> dict[str, bytes]:
+        from feast.infra.online_stores.helpers import _mmh3
+
+        return {f.name: _mmh3(f"{self.view.name}:{f.name}") for f in self.view.features}
+
+    def write(self, rows: EncodedRows, at: datetime) -> None:
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        stamp = Timestamp()
+        stamp.FromDatetime(at.astimezone(UTC))
+        ts_field, ts = f"_ts:{self.view.name}", stamp.SerializeToString()
+        columns = [(self.fields[name], values) for name, values in rows.values.items()]
+        with self.client.pipeline(transaction=False) as pipe:
+            for i, key in enumerate(self.keys(rows.user_ids)):
+                redis_key = key + self.project
+                pipe.hset(redis_key, mapping={ts_field: ts, **{field: values[i] for field, values in columns}})
+                if self.ttl:
+                    pipe.expire(redis_key, self.ttl)
+            pipe.execute()
+
+    def read(self, user_ids: Sequence[str], features: Sequence[str]) -> dict[str, list[bytes | None]]:
+        fields = [self.fields[f] for f in features]
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in self.keys(user_ids):
+                pipe.hmget(key + self.project, fields)
+            rows = pipe.execute()
+        return {f: [row[j] for row in rows] for j, f in enumerate(features)}
