@@ -2,7 +2,7 @@
 
 For each dataset, in one run: the userlens stages (each timed; the whole in a fresh process
 for its peak memory), once per Great Expectations engine (validation.engine: duckdb, GX's SQL
-engine on DuckDB over Parquet, and pandas), and, in another fresh process, the floor a
+engine on in-memory DuckDB tables, and pandas), and, in another fresh process, the floor a
 hand-written script would need at least: read the same raw interactions with polars, sort by
 user and time, group into per-user lists. The ratio stages/floor is the figure; all sides see
 the same machine load.

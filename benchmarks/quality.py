@@ -9,6 +9,7 @@ benchmarks/out/quality-<dataset>-<variant>.json plus the Markdown for BENCHMARKS
     python benchmarks/quality.py --study batch             # Barlow Twins vs dual encoder at batch 32..256
     python benchmarks/quality.py --study ablation          # lambda, augmentations, width, sequence length
     python benchmarks/quality.py --study finetune          # encoder + head fine-tuned, beside the probes
+    python benchmarks/quality.py --study buckets           # random vs length-bucketed pretraining batches
     python benchmarks/quality.py --set pretrain.steps=100  # any override, for a quick look
 
 Targets (issue 9): at <= 10 % labels Barlow Twins >= +8 % relative over the dual encoder on at
@@ -52,6 +53,8 @@ STUDIES = {
         "max-length-50": {"sequences.max_length": 50},
     },
     "finetune": {"finetune": {"evaluate.finetune.enabled": True}},  # beside the probes, on the same splits
+    # batches of users of about one history length (issue 12): quality and pretraining time
+    "buckets": {"random-batches": {}, "length-buckets-8": {"pretrain.length_buckets": 8}},
 }
 
 
@@ -220,8 +223,34 @@ def main() -> None:
         print(quality_tables(run, probe="finetune"))
         print("\nTargets (fine-tuned):\n" + "\n".join(targets(run, probe="finetune")))
         print(f"\n{run['seconds'] / 60:.1f} min in all (pretraining reused when already done)")
+    elif args.study == "buckets":
+        print(study_table(runs))
+        print("\n" + buckets_table(runs["random-batches"], runs["length-buckets-8"]))
     else:
         print(study_table(runs))
+
+
+def buckets_table(random: dict, buckets: dict, probe: str = "logreg") -> str:
+    """Barlow Twins with length buckets against random batches, paired over the same splits."""
+    from userlens.report import paired_comparison
+
+    tasks = [t for t in TASKS if t in random["results"]]
+    merged = {t: {"buckets": buckets["results"][t]["barlow_twins"], "random": random["results"][t]["barlow_twins"]}
+              for t in tasks}  # fmt: skip
+    compared = paired_comparison(merged, "buckets", "random", probe)
+    lines = ["| task | labels | random batches | length buckets | difference | paired t p |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for task in tasks:
+        for fraction in SCARCE:
+            c = compared[task][fraction]
+            p = "n/a" if c["t_pvalue"] is None else f"{c['t_pvalue']:.2g}"
+            lines.append(f"| {task} | {float(fraction):.0%} | {c['mean_b']:.3f} | {c['mean_a']:.3f} | "
+                         f"{c['mean_diff']:+.3f} | {p} |")  # fmt: skip
+    seconds = (random["barlow_twins"]["seconds"], buckets["barlow_twins"]["seconds"])
+    lines.append(f"\nBarlow Twins pretraining: {seconds[0]:.0f} s with random batches, {seconds[1]:.0f} s with "
+                 f"length buckets ({seconds[0] / seconds[1]:.2f}x), same steps; one pretraining seed each, "
+                 "5 evaluation splits")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ sqlite) after a real publish of the first --serving users of the trained set.
 
     python benchmarks/similar_users.py --embeddings benchmarks/out/export-project/data/embeddings/barlow_twins.parquet
     python benchmarks/similar_users.py --sizes 100000 --gaussian-only
+    python benchmarks/similar_users.py --embeddings ... --sizes 1000000 --serving 0 --hnsw   # + faiss HNSW
 """
 
 from __future__ import annotations
@@ -80,6 +81,39 @@ def measure(name: str, ids: pa.Array, vectors: np.ndarray, queries: int, serving
             "speed_up_p50": round(scan_ms["p50_ms"] / index_ms["p50_ms"], 1)}  # fmt: skip
 
 
+def measure_hnsw(name: str, vectors: np.ndarray, queries: int, target: float, m: int = 32) -> dict:
+    """The alternative index for comparison: faiss HNSW (M, efConstruction 64), efSearch raised
+    (16, 32, ...) until the recall@10 of the same query users reaches the target."""
+    import faiss
+
+    from userlens.vector_index import RECALL_AT, recall_at, unit_rows
+
+    n = len(vectors)
+    unit = unit_rows(vectors)
+    started = time.perf_counter()
+    index = faiss.IndexHNSWFlat(unit.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 64
+    index.add(unit)
+    build_s = time.perf_counter() - started
+    rows = np.random.default_rng(QUERY_SEED).choice(n, size=min(n, queries), replace=False)
+    exact, _ = faiss.knn(unit[rows], unit, RECALL_AT + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    ef = 16
+    while True:
+        index.hnsw.efSearch = ef
+        found, samples = [], []
+        for row in rows:
+            began = time.perf_counter()
+            scores, _ = index.search(unit[row : row + 1], RECALL_AT + 1)
+            samples.append(time.perf_counter() - began)
+            found.append(scores[0])
+        recall = recall_at(np.asarray(found), exact)
+        if recall >= target or ef >= 1024:
+            break
+        ef *= 2
+    return {"vectors": name, "users": n, "index": f"HNSW M {m}, efSearch {ef}", "build_s": round(build_s, 1),
+            "recall_at_10": round(recall, 4), **percentiles(samples)}  # fmt: skip
+
+
 def end_to_end(ids: pa.Array, vectors: np.ndarray, queries: int) -> dict:
     """A real publish into a scratch sqlite store, then SimilarUsers.of (online read + index)."""
     import shutil
@@ -122,6 +156,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--gaussian-only", action="store_true", help="no trained set")
     parser.add_argument("--serving", type=int, default=100_000, help="end-to-end users (0: skip)")
+    parser.add_argument("--hnsw", action="store_true", help="also faiss HNSW at the largest size, for comparison")
     args = parser.parse_args()
 
     from userlens.config import load_params
@@ -146,12 +181,17 @@ def main() -> None:
                 continue
             print(f"{name}, {n:,} users ...", file=sys.stderr)
             rows.append(measure(name, ids.slice(0, n), vectors[:n], args.queries, serving))
+    hnsw = []
+    if args.hnsw:
+        for name, (_, vectors) in sets.items():
+            print(f"{name}, HNSW at {biggest:,} users ...", file=sys.stderr)
+            hnsw.append(measure_hnsw(name, vectors[:biggest], args.queries, serving.similar_recall))
     e2e = None
     if args.serving and "trained" in sets:
         ids, vectors = sets["trained"]
         e2e = end_to_end(ids.slice(0, args.serving), vectors[: args.serving], args.queries)
-    result = {"machine": machine(), "similar_recall": serving.similar_recall, "rows": rows, "end_to_end": e2e,
-              "peak_rss_mib": round(peak_rss_mib())}  # fmt: skip
+    result = {"machine": machine(), "similar_recall": serving.similar_recall, "rows": rows, "hnsw": hnsw,
+              "end_to_end": e2e, "peak_rss_mib": round(peak_rss_mib())}  # fmt: skip
     OUT.mkdir(exist_ok=True)
     (OUT / "similar_users.json").write_text(json.dumps(result, indent=2))
     print(f"Machine: {machine()}; index tuned to recall@10 {serving.similar_recall} at build\n")
@@ -167,6 +207,14 @@ def main() -> None:
             f"{r['recall_at_10']:.3f} | {r['index']['p50_ms']:.2f} / {r['index']['p99_ms']:.2f} | "
             f"{r['exact_scan']['p50_ms']:.1f} / {r['exact_scan']['p99_ms']:.1f} | {r['speed_up_p50']:.0f}x |"
         )
+    if hnsw:
+        print("\n| vectors | users | alternative index | build s | recall@10 | p50 / p99 ms |")
+        print("|---|---:|---|---:|---:|---:|")
+        for r in hnsw:
+            print(
+                f"| {r['vectors']} | {r['users']:,} | {r['index']} | {r['build_s']:.1f} | {r['recall_at_10']:.3f} | "
+                f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} |"
+            )
     if e2e:
         print(
             f"\n`SimilarUsers.of` end to end (sqlite online read + index), {e2e['users']:,} users: "

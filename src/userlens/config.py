@@ -92,7 +92,7 @@ class ValidationParams(_Section):
     repair: RepairParams = RepairParams()
     # Validation fails when the drop rules would quarantine more than this share of the interactions.
     max_drop_fraction: float = Field(0.05, ge=0, lt=1)
-    # Where Great Expectations runs the suites: its SQL engine on DuckDB over Parquet, or its pandas engine.
+    # Where Great Expectations runs the suites: its SQL engine on DuckDB, or its pandas engine.
     engine: Literal["duckdb", "pandas"] = "duckdb"
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -275,18 +276,24 @@ def publish_set(
         record = read_json(layout.slot_record(slot)) if layout.slot_record(slot).exists() else {}
         holds = {"model_version": version, "users": table.num_rows, "store": identity}
         reused = {key: record.get(key) for key in holds} == holds
-        if not reused:
-            _wait_until_retired(pointer, serving.retire_grace_s)
-            _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
-        verify_slot(store, layout, slot, table)
         vectors = list_vectors(table[features.vector])
-        index_started = time.perf_counter()
+        index = record.get("index") if reused else None
+        rebuild = features.indexed and (index is None or not (layout.index_folder / index["file"]).exists())
+        # The index builds beside the online write: faiss runs in C++ without the GIL while the
+        # write is mostly Python. Files of a build whose publish fails are named by nothing and
+        # deleted after the next cut-over.
+        with ThreadPoolExecutor(1) as pool:
+            building = pool.submit(_build_index, layout, serving, slot, table["user_id"], vectors) if rebuild else None
+            if not reused:
+                _wait_until_retired(pointer, serving.retire_grace_s)
+                _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
+            verify_slot(store, layout, slot, table)
+            waited = time.perf_counter()
+            if building is not None:
+                index = building.result()
+            index_wait = time.perf_counter() - waited
         if features.indexed:
-            index = record.get("index") if reused else None
-            if index is None or not (layout.index_folder / index["file"]).exists():
-                index = _build_index(layout, serving, slot, table["user_id"], vectors)
             holds["index"] = index
-        index_seconds = time.perf_counter() - index_started
         write_json_atomic(layout.slot_record(slot), holds)
         layout.mean_file(version).parent.mkdir(parents=True, exist_ok=True)
         save_array_atomic(layout.mean_file(version), vectors.mean(axis=0, dtype=np.float64).astype(np.float32))
@@ -323,7 +330,8 @@ def publish_set(
         "rewritten": not reused,
         "seconds": round(seconds, 3),
         "users_per_s": round(table.num_rows / seconds, 1) if seconds else None,
-        "index_s": round(index_seconds, 3),  # of `seconds`: the similar-users index (built or reused)
+        "index": index,  # the similar-users index (its build_s overlaps the online write)
+        "index_wait_s": round(index_wait, 3),  # of `seconds`: waiting for the index after the write
         "online_store": store.config.online_store.type,
     }
 

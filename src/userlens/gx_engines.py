@@ -6,8 +6,8 @@ the GX batch the suites run on and names the column types as that engine reports
 - `pandas`: GX's PandasExecutionEngine on a pandas copy of each table (dtypes chosen so GX
   takes its vectorised paths, see `to_pandas`).
 - `duckdb`: GX's SqlAlchemyExecutionEngine on DuckDB (through the duckdb-engine SQLAlchemy
-  dialect): each table is written once to Parquet (LZ4) in a scratch folder and is a DuckDB
-  view over that file, so every expectation is a SQL query over every row, run by DuckDB's
+  dialect): each table is loaded once from its Arrow buffers into a DuckDB table of a private
+  in-memory database, so every expectation is a SQL query over every row, run by DuckDB's
   vectorised, multi-threaded engine instead of pandas; nothing is converted to pandas.
 
 Two library facts shape the DuckDB path (checked by tests/test_validation.py):
@@ -23,11 +23,9 @@ Two library facts shape the DuckDB path (checked by tests/test_validation.py):
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -97,29 +95,34 @@ class DuckdbEngine:
     name = "duckdb"
 
     def __init__(self, context: Any, frames: dict[str, pl.DataFrame]):
-        import duckdb
+        import sqlalchemy as sa
 
         _keep_duckdb_connection()
-        self.folder = Path(tempfile.mkdtemp(prefix="userlens-gx-"))
-        database = self.folder / "tables.duckdb"
-        try:  # every view before GX connects: DuckDB admits one configuration per open database
-            with duckdb.connect(str(database)) as connection:
-                for table, frame in frames.items():
-                    path = self.folder / f"{table}.parquet"
-                    frame.write_parquet(path, compression="lz4")
-                    extra = f", COALESCE(rating, 'NaN'::FLOAT) AS {RATING_OR_NAN}" if "rating" in frame.columns else ""
-                    connection.execute(f"CREATE VIEW \"{table}\" AS SELECT *{extra} FROM read_parquet('{path}')")
-            self.source = context.data_sources.add_sql("userlens", connection_string=f"duckdb:///{database}")
+        # A named in-memory database: every connection opened with this URL in this process
+        # (ours, and GX's through duckdb-engine, with the same settings) shares it.
+        url = f"duckdb:///:memory:userlens-{secrets.token_hex(8)}"
+        self.owner = sa.create_engine(url)
+        self.connection = self.owner.raw_connection()  # held open: the database lives while it does
+        try:
+            duck = self.connection.driver_connection
+            for table, frame in frames.items():
+                extra = f", COALESCE(rating, 'NaN'::FLOAT) AS {RATING_OR_NAN}" if "rating" in frame.columns else ""
+                duck.register("incoming", frame.to_arrow())  # DuckDB scans the Arrow buffers, no copy to pandas
+                duck.execute(f'CREATE TABLE "{table}" AS SELECT *{extra} FROM incoming')
+                duck.unregister("incoming")
+            self.source = context.data_sources.add_sql("userlens", connection_string=url)
         except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self.close()
             raise
 
     def batch(self, table: str) -> tuple[Any, dict | None]:
         return self.source.add_table_asset(table, table_name=table).add_batch_definition_whole_table("whole"), None
 
     def close(self) -> None:
-        self.source.get_engine().dispose()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if getattr(self, "source", None) is not None:
+            self.source.get_engine().dispose()
+        self.connection.close()
+        self.owner.dispose()
 
 
 def engine(name: str, context: Any, frames: dict[str, pl.DataFrame]) -> PandasEngine | DuckdbEngine:
