@@ -9,6 +9,7 @@ the same machine load.
 
     python benchmarks/data_pipeline.py                     # ML-100K (if present), synthetic 1M and 20M
     python benchmarks/data_pipeline.py --datasets synthetic-1m
+    python benchmarks/data_pipeline.py --datasets synthetic-20m   # + each expectation timed on both engines
 
 Writes benchmarks/out/data_pipeline.json and prints the Markdown table for BENCHMARKS.md.
 """
@@ -92,6 +93,38 @@ def worker_stages(project: Path, engine: str) -> None:
     emit({**timings, "stages_s": time.perf_counter() - start})
 
 
+def worker_expectations(project: Path, engine: str) -> None:
+    """Each interactions expectation timed alone on one GX engine (after ingest): where validate's time goes."""
+    from userlens import gx_engines, validation
+    from userlens.project import Project
+    from userlens.stages import load_canonical
+
+    proj = Project(project)
+    params = proj.load_params().validation
+    tables, _ = load_canonical(proj)
+    started = time.perf_counter()
+    frame = validation._with_quarantine(validation._with_missing_items(tables.interactions, tables.items), tables,
+                                        params)  # fmt: skip
+    prepare_s = time.perf_counter() - started
+    context = validation._context(Path(tempfile.mkdtemp()))
+    started = time.perf_counter()
+    runner = gx_engines.engine(engine, context, {"interactions": frame})
+    batch, parameters = runner.batch("interactions")
+    batch = batch.get_batch(batch_parameters=parameters)
+    load_s = time.perf_counter() - started
+    timings = []
+    for expectation in validation.interactions_expectations(params, tables.rating_scale, int(time.time()),
+                                                            gx_engines.DIALECTS[engine]):  # fmt: skip
+        began = time.perf_counter()
+        batch.validate(expectation, result_format=validation.RESULT_FORMAT)
+        column = getattr(expectation, "column", None) or ", ".join(getattr(expectation, "column_list", []))
+        timings.append({"expectation": expectation.expectation_type, "column": column,
+                        "seconds": time.perf_counter() - began})  # fmt: skip
+    runner.close()
+    emit({"engine": engine, "rows": frame.height, "derived_columns_s": prepare_s, "load_s": load_s,
+          "expectations": timings})  # fmt: skip
+
+
 def worker_floor(project: Path, source: str) -> None:
     """Read + sort + group the raw interactions with polars, nothing else."""
     import polars as pl
@@ -115,7 +148,7 @@ def worker_floor(project: Path, source: str) -> None:
     emit({"floor_s": time.perf_counter() - start, "floor_users": grouped.height})
 
 
-def measure(name: str, data: dict, workdir: Path) -> dict:
+def measure(name: str, data: dict, workdir: Path, breakdown: bool = False) -> list[dict]:
     project = make_project(workdir / name, dict(data))
     script = Path(__file__).resolve()
     fetch = run_worker(script, "fetch", str(project))
@@ -134,6 +167,8 @@ def measure(name: str, data: dict, workdir: Path) -> dict:
             "fetch_s": fetch["fetch_s"],
             "dvc_add_s": fetch["dvc_add_s"],
         })  # fmt: skip
+    if breakdown:
+        rows[0]["expectations"] = {e: run_worker(script, "expectations", str(project), e) for e in ENGINES}
     return rows
 
 
@@ -155,11 +190,18 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
+    parser.add_argument(
+        "--breakdown",
+        default="synthetic-20m",
+        help="the dataset whose interactions expectations are also timed one by one (none: skip)",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, project, *rest = args.worker
-        {"fetch": worker_fetch, "stages": worker_stages, "floor": worker_floor}[kind](Path(project), *rest)
+        workers = {"fetch": worker_fetch, "stages": worker_stages, "floor": worker_floor,
+                   "expectations": worker_expectations}  # fmt: skip
+        workers[kind](Path(project), *rest)
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="userlens-bench-") as tmp:
@@ -168,12 +210,21 @@ def main() -> None:
                 print(f"skipping ml-100k: not found at {ML100K}", file=sys.stderr)
                 continue
             print(f"measuring {name} ...", file=sys.stderr)
-            rows += measure(name, DATASETS[name], Path(tmp))
+            rows += measure(name, DATASETS[name], Path(tmp), breakdown=name == args.breakdown)
     OUT.mkdir(exist_ok=True)
     result = {"machine": machine(), "rows": rows}
     (OUT / "data_pipeline.json").write_text(json.dumps(result, indent=2))
     print(f"Machine: {result['machine']}\n")
     print(table(rows))
+    for r in rows:
+        for engine, b in r.get("expectations", {}).items():
+            print(
+                f"\n{r['dataset']}, GX engine {engine}: derived columns {b['derived_columns_s']:.2f} s, "
+                f"tables ready for GX {b['load_s']:.2f} s; each interactions expectation alone:\n"
+            )
+            print("| expectation | column(s) | s |\n|---|---|---:|")
+            for e in b["expectations"]:
+                print(f"| {e['expectation']} | {e['column']} | {e['seconds']:.2f} |")
     print(
         "\nSetup, not in the totals (s): "
         + ", ".join(
