@@ -59,9 +59,10 @@ def embed_batches(
         window = BUCKET_USERS if by_length else batch_size
         for begin in range(0, len(users), window):
             chosen = users[begin : begin + window]
-            order = np.argsort(data.lengths[chosen].numpy(), kind="stable") if by_length else np.arange(len(chosen))
+            lengths = data.lengths[chosen].numpy()
+            order = np.argsort(lengths, kind="stable") if by_length else np.arange(len(chosen))
             out = None
-            for rows in _cut(order, data.lengths[chosen].numpy(), batch_size, by_length):
+            for rows in _cut(order, lengths, batch_size, by_length):
                 batch = data.batch(torch.as_tensor(chosen[rows])).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     vectors = encoder(batch).float().cpu().numpy()
@@ -83,10 +84,10 @@ def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, by_length: boo
     budget, start = batch_size * TOKENS_PER_USER, 0
     sorted_lengths = np.maximum(lengths[order], 1)
     while start < len(order):
-        # the largest n with n * sorted_lengths[start + n - 1] <= budget (lengths ascend), at least 1
+        # the largest n with n * sorted_lengths[start + n - 1] <= budget, at least 1: lengths
+        # ascend, so the products do too and the users that fit are a prefix
         ends = np.arange(1, min(batch_size, len(order) - start) + 1)
-        fits = ends * sorted_lengths[start : start + len(ends)] <= budget
-        n = max(1, int(fits.nonzero()[0][-1]) + 1 if fits.any() else 1)
+        n = max(1, int((ends * sorted_lengths[start : start + len(ends)] <= budget).sum()))
         yield order[start : start + n]
         start += n
 

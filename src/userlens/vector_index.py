@@ -77,13 +77,13 @@ def _tune(index, unit: np.ndarray, lists: int | None, target: float, rng) -> tup
     import faiss
 
     n = unit.shape[0]
+    if lists is None:  # a flat index is the exact scan
+        return None, 1.0
     if n <= 1:
-        return (1 if lists else None), 1.0
+        return 1, 1.0
     queries = unit[np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False))]
     k = min(RECALL_AT + 1, n)  # +1: the user itself comes back first
     exact, _ = faiss.knn(queries, unit, k, metric=faiss.METRIC_INNER_PRODUCT)
-    if lists is None:
-        return None, 1.0
     probes = 1
     while True:
         index.nprobe = probes
