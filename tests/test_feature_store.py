@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from conftest import REPO, set_params
 from test_vector_index import exact_neighbours
-from userlens import feature_store, serving, vector_index
+from userlens import feature_sets, feature_store, serving, vector_index
 from userlens.cli import cli
 from userlens.embeddings import export_embeddings
 from userlens.errors import DataError, ServingError
@@ -151,7 +151,7 @@ def test_slot_rows_carry_scalars_from_sequences(sqlite_project):
             "future_timestamp": [[9], [], [10]],
         }
     ).write_parquet(seq / "sequences.parquet")
-    table = feature_store.slot_table(path, "v1", seq, datetime.now(UTC))
+    table = feature_sets.slot_table(path, "v1", seq, datetime.now(UTC))
     assert table["n_events"].to_pylist() == [5, 1, 3]
     assert table["last_event_at"].to_pylist() == [9, 50, 10]
 
@@ -167,7 +167,7 @@ def slot_with_nulls(project: Project, at: datetime):
     pl.DataFrame(
         {"user_index": [0, 1], "history_timestamp": [[1, 2], []], "future_timestamp": [[9], []]}
     ).write_parquet(seq / "sequences.parquet")
-    table = feature_store.slot_table(path, "v1", seq, at)
+    table = feature_sets.slot_table(path, "v1", seq, at)
     assert table["n_events"].null_count == 3 and table["last_event_at"].null_count == 4
     params = project.load_params()
     layout = feature_store.Layout.of(project.root / params.serving.repo)
@@ -183,7 +183,7 @@ def test_online_rows_are_what_write_to_online_store_would_write(sqlite_project):
     table, store = slot_with_nulls(sqlite_project, at)
     view = store.get_feature_view("user_embeddings_blue")
     feast_rows = store._get_provider()._prep_rows_to_write_for_ingestion(view, table.to_pandas())
-    ours = online_rows(encoded_columns(view, table, feature_store.EMBEDDINGS), at)
+    ours = online_rows(encoded_columns(view, table, feature_sets.EMBEDDINGS), at)
     assert len(ours) == len(feast_rows) == 5
     for (key, values, ts, created), (fkey, fvalues, fts, fcreated) in zip(ours, feast_rows, strict=True):
         assert key.SerializeToString() == fkey.SerializeToString()
@@ -215,7 +215,7 @@ def test_the_bulk_writer_stores_what_feasts_own_writer_stores(store_project):
     at = datetime(2024, 5, 1, 12, tzinfo=UTC)
     table, store = slot_with_nulls(store_project, at)
     view = store.get_feature_view("user_embeddings_blue")
-    rows = encoded_columns(view, table, feature_store.EMBEDDINGS)
+    rows = encoded_columns(view, table, feature_sets.EMBEDDINGS)
     fast = table_for(store, view)
     assert type(fast) is not FeastTable  # the bulk path, not the provider's
     FeastTable(store, view).write(rows, at)  # Feast's own online_write_batch
@@ -227,7 +227,7 @@ def test_the_bulk_writer_stores_what_feasts_own_writer_stores(store_project):
         store._get_provider().online_store._get_client(store.config.online_store).flushdb()
     fast.write(rows, at)
     assert stored_rows(store, view) == feasts
-    got = store.get_online_features(features=[f"{view.name}:{f}" for f in feature_store.EMBEDDINGS.features],
+    got = store.get_online_features(features=[f"{view.name}:{f}" for f in feature_sets.EMBEDDINGS.features],
                                     entity_rows=[{"user_id": u} for u in rows.user_ids]).to_dict()  # fmt: skip
     assert got["model_version"] == ["v1"] * 5 and got["n_events"] == table["n_events"].to_pylist()
     assert [np.asarray(v, np.float32).tobytes() for v in got["embedding"]] == [

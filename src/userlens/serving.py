@@ -17,11 +17,10 @@ import yaml
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, ServingError
 from userlens.feast_values import decode_vectors, string_value
+from userlens.feature_sets import EMBEDDINGS, FeatureSet
 from userlens.feature_store import (
-    EMBEDDINGS,
     REDIS_URL_ENV,
     REGISTRY_TTL_S,
-    FeatureSet,
     Layout,
     online_store_settings,
     open_store,

@@ -71,6 +71,7 @@ def materialize(obj: Context, model_version, embeddings, incremental, interest, 
       userlens materialize --context
     """
     from userlens import feature_store
+    from userlens.feature_sets import export_version
     from userlens.locking import project_lock
     from userlens.registry import Registry
 
@@ -96,7 +97,7 @@ def materialize(obj: Context, model_version, embeddings, incremental, interest, 
                 raise UserlensError("no production version in the registry: run `userlens run` or "
                                     "`userlens promote`, or pass --embeddings FILE")  # fmt: skip
             embeddings, model_version = production.embeddings, production.version
-        version = model_version or feature_store.export_version(embeddings)
+        version = model_version or export_version(embeddings)
         done = feature_store.publish(obj.project, params, version, embeddings, progress=not no_progress)
     click.echo(
         f"serving {done['model_version']} from slot {done['slot']} ({done['users']:,} users, "
@@ -191,7 +192,7 @@ def lookup(obj: Context, user_ids, as_json, fallback, interest, context):
       userlens lookup 42 --context
     """
     from userlens import serving
-    from userlens.feature_store import CONTEXT, EMBEDDINGS, INTEREST
+    from userlens.feature_sets import CONTEXT, EMBEDDINGS, INTEREST
 
     if interest and context:
         raise click.UsageError("--interest and --context read different feature sets: pass one")

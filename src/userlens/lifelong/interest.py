@@ -213,13 +213,14 @@ def _user_counts(closed: pl.DataFrame, open_rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def _layout(project: Project, params: Params):
-    from userlens.feature_store import INTEREST, Layout
+    from userlens.feature_sets import INTEREST
+    from userlens.feature_store import Layout
 
     return Layout.of(project.root / params.serving.repo, INTEREST)
 
 
 def _slot_table(export: Path, at: datetime) -> pa.Table:
-    from userlens.feature_store import INTEREST, version_table
+    from userlens.feature_sets import INTEREST, version_table
 
     return version_table(export, INTEREST, at)
 

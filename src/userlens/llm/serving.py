@@ -28,7 +28,7 @@ NO_REPEAT_NGRAM = 3  # answers: no repeated 3-grams (trained on one-answer targe
 
 
 def _layout(project: Project, params: Params):
-    from userlens.feature_store import CONTEXT as CONTEXT_SET
+    from userlens.feature_sets import CONTEXT as CONTEXT_SET
     from userlens.feature_store import Layout
 
     return Layout.of(project.root / params.serving.repo, CONTEXT_SET)
@@ -58,8 +58,9 @@ def skip_reason(project: Project, version: str | None = None) -> str | None:
 
 def publish_context(project: Project, params: Params, version: str | None = None, progress: bool = False) -> dict:
     """Serve a conditioner version's latents (the latest by default): standby slot, check, cut-over."""
-    from userlens.feature_store import CONTEXT as CONTEXT_SET
-    from userlens.feature_store import publish_set, version_table
+    from userlens.feature_sets import CONTEXT as CONTEXT_SET
+    from userlens.feature_sets import version_table
+    from userlens.feature_store import publish_set
 
     if reason := skip_reason(project, version):
         raise UserlensError(f"user_context not published: {reason}")
@@ -92,7 +93,7 @@ class PersonalLM:
     population mean would read as an answer about the user."""
 
     def __init__(self, project: Project, params: Params, device: str | None = None):
-        from userlens.feature_store import CONTEXT as CONTEXT_SET
+        from userlens.feature_sets import CONTEXT as CONTEXT_SET
         from userlens.serving import UserEmbeddings
 
         self.project, self.params = project, params
