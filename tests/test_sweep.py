@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,3 +75,73 @@ def test_sweep_flow_runs_candidates_on_a_local_dask_cluster_and_selects_on_valid
     assert saved["selected"] == summary["selected"]
     assert "scored on validation users only" in (project.reports_dir / "sweep.md").read_text()
     assert not (root / "data/models/barlow_twins").exists()  # the pipeline's own model is untouched
+
+
+@pytest.fixture
+def dask_scheduler(tmp_path):
+    """A dask.distributed scheduler and one single-threaded worker, each its own process on
+    127.0.0.1 (`dask scheduler`, `dask worker`); yields a client connected to the scheduler."""
+    from distributed import Client
+
+    dask = str(Path(sys.executable).parent / "dask")
+    file = tmp_path / "scheduler.json"
+    logs = (tmp_path / "scheduler.log").open("w"), (tmp_path / "dask-worker.log").open("w")
+    commands = (
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(file)],
+        [dask, "worker", "--scheduler-file", str(file), "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+    )
+    processes = []
+    try:
+        for command, log in zip(commands, logs, strict=True):
+            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.monotonic() + 60
+            while not file.exists() and time.monotonic() < deadline:  # the worker needs the scheduler's file
+                time.sleep(0.2)
+        with Client(scheduler_file=str(file), timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+            yield client
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=30)
+        for log in logs:
+            log.close()
+
+
+@pytest.mark.integration
+def test_sweep_runs_on_the_dask_scheduler_at_sweep_address(prefect_server, dask_scheduler, tmp_path):
+    from click.testing import CliRunner
+
+    from userlens.cli import cli
+
+    address = dask_scheduler.scheduler.address
+    assert address.startswith("tcp://127.0.0.1:")
+    root = build_sequences_project(tmp_path / "project")
+    set_params(root, {"sweep": {"candidates": None}})
+    set_params(root, {"sweep": {"candidates": {"short": {"pretrain.steps": 4}, "none": {"pretrain.steps": 0}}}})
+    # As the README and `userlens sweep --help` say: the scheduler's address as a setting.
+    done = CliRunner().invoke(cli, ["--project", str(root), "--set", f"sweep.address={address}", "sweep"])
+    assert done.exit_code == 0, done.output
+
+    summary = json.loads((Project(root).reports_dir / "sweep.json").read_text())
+    assert summary["engine"] == f"Dask at {address}"
+    assert {r["name"] for r in summary["candidates"]} == {"short", "none"}
+    assert summary["selected"] in done.output
+    # The scheduler ran both candidates (task prefix = the Prefect task's name) ...
+    seen = dask_scheduler.run_on_scheduler(
+        lambda dask_scheduler: {name: dict(p.state_counts) for name, p in dask_scheduler.task_prefixes.items()}
+    )
+    assert seen["sweep_candidate"]["memory"] == 2, seen
+    # ... and its worker process reported them to the Prefect server as completed task runs.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    names = TaskRunFilter(name=TaskRunFilterName(any_=["candidate short", "candidate none"]))
+    with get_client(sync_client=True) as client:
+        states = [run.state.name for run in client.read_task_runs(task_run_filter=names)]
+    assert states == ["Completed", "Completed"]
