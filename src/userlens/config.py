@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from userlens.errors import ConfigError
 
 LabelFractions = tuple[Annotated[float, Field(gt=0, le=1)], ...]  # shares of the labelled train users
+# Settings that say where a computation runs, not what it computes: left out of section_hash, so
+# changing them neither retrains a model nor renames its version.
+WHERE_NOT_WHAT = (("pretrain", "processes"),)
 MOVIELENS_DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest")
 
 
@@ -161,6 +164,9 @@ class PretrainParams(TrainLoopParams):
     # Batches cut from the epoch's users sorted by history length within windows of this many
     # batches (each padded to about its users' length); 1 = every batch a random draw.
     length_buckets: int = Field(1, ge=1)
+    # Training processes (torchrun, DistributedDataParallel): one per GPU, or CPU processes (gloo).
+    # The global batch stays batch_size, so results do not depend on it (and neither do run keys).
+    processes: int = Field(1, ge=1)
     # Users whose future labels drive selection (rounds, recipes); left out of the downstream evaluation.
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
 
@@ -357,6 +363,8 @@ class Params(_Section):
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of the named sections (all when none are named)."""
         dumped = self.model_dump(mode="json")
+        for section, name in WHERE_NOT_WHAT:
+            dumped[section].pop(name)
         chosen = {name: dumped[name] for name in (sections or dumped)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 

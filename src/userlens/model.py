@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from userlens.config import ModelParams
 from userlens.data import N_SPECIAL, OOV, PAD, Batch, SequenceData, remap_unknown
+from userlens.distributed import gather, own_rows
 
 
 class Block(nn.Module):
@@ -235,8 +236,10 @@ class BarlowTwins(nn.Module):
         self.projector = nn.Sequential(*layers)
 
     def forward(self, view1: Batch, view2: Batch) -> torch.Tensor:
-        z1 = self.projector(self.encoder(view1))
-        z2 = self.projector(self.encoder(view2))
+        """The loss of the whole batch. Under torchrun each process encodes its own rows and the
+        projector, its BatchNorm and the cross-correlation see every process's (distributed.py)."""
+        z1 = self.projector(gather(self.encoder(own_rows(view1))))
+        z2 = self.projector(gather(self.encoder(own_rows(view2))))
         return barlow_twins_loss(z1, z2, self.lambd)
 
 
@@ -291,8 +294,9 @@ class DualEncoder(nn.Module):
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sampled-softmax loss of next-event prediction over the batch's (prefix, next) pairs;
-        at most `max_pairs` of them, drawn uniformly with `generator` when there are more."""
-        states = F.normalize(self.encoder.prefix_embeddings(batch), dim=-1)  # [B, L, D]
+        at most `max_pairs` of them, drawn uniformly with `generator` when there are more. Under
+        torchrun each process encodes its own rows; pairs and negatives span every process's."""
+        states = F.normalize(gather(self.encoder.prefix_embeddings(own_rows(batch))), dim=-1)  # [B, L, D]
         lengths = batch.lengths
         positions = torch.arange(batch.items.shape[1], device=lengths.device)
         rows, cols = (positions[None, :] + 1 < lengths[:, None]).nonzero(as_tuple=True)  # prefix 0..t -> t + 1

@@ -27,6 +27,7 @@ from sklearn.model_selection import KFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from userlens import distributed
 from userlens.augment import Substitutes, two_views
 from userlens.config import Params
 from userlens.data import SequenceData
@@ -92,7 +93,7 @@ def train_barlow_twins(
         return model(view1.to(device), view2.to(device))
 
     result = _fit(model, model.encoder, step_loss, data, params, labels, out_dir, "barlow twins", progress)
-    if params.pretrain.whiten_shrinkage is not None:
+    if params.pretrain.whiten_shrinkage is not None and distributed.is_main():  # rank 0 exports
         sample = np.random.default_rng(params.pretrain.seed).permutation(data.n_users)[:WHITEN_USERS]
         raw = torch.from_numpy(embed_users(model.encoder, data, np.sort(sample)))
         model.encoder.fit_whitening(raw.to(device), params.pretrain.whiten_shrinkage)
@@ -123,7 +124,8 @@ def train_dual_encoder(
 def _new_encoder(data: SequenceData, params: Params, causal: bool = False) -> tuple[torch.device, UserEncoder]:
     """The same seeded encoder for every method: only the objective (and the attention mask) differs."""
     torch.manual_seed(params.pretrain.seed)
-    return pick_device(params.pretrain.device), UserEncoder.for_data(params.model, data, causal)
+    device = distributed.join(pick_device(params.pretrain.device))  # under torchrun: this process's
+    return device, UserEncoder.for_data(params.model, data, causal)
 
 
 def _fit(model, encoder, step_loss, data, params, labels, out_dir, desc, progress) -> FitResult:

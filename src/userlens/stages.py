@@ -314,7 +314,8 @@ def summary_markdown(project: Project, params: Params, stages: dict) -> str:
 
 METHODS = ("barlow_twins", "dual_encoder", "als", "handcrafted", "random")
 RUN_KEY = "run_key.txt"
-TRAINING_CODE = ("data.py", "model.py", "augment.py", "train.py", "pretraining.py")
+BASELINES_SUMMARY = "baselines.json"  # what `baselines` made, beside the dual encoder
+TRAINING_CODE = ("data.py", "model.py", "augment.py", "train.py", "pretraining.py", "distributed.py")
 TRAINING_SECTIONS = {  # the params sections a trained model depends on (the dual encoder uses no augmentation)
     "barlow_twins": ("model", "augment", "pretrain"),
     "dual_encoder": ("model", "pretrain"),
@@ -322,12 +323,20 @@ TRAINING_SECTIONS = {  # the params sections a trained model depends on (the dua
 
 
 def pretrain(project: Project, params: Params, progress: bool = True) -> dict:
-    """data/sequences -> Barlow Twins encoder in data/models/barlow_twins/ + its user embeddings."""
+    """data/sequences -> Barlow Twins encoder in data/models/barlow_twins/ + its user embeddings.
+
+    With `pretrain.processes` > 1: the same, under torchrun (distributed.py); rank 0 exports."""
+    from userlens import distributed
     from userlens.pretraining import train_barlow_twins
 
+    if params.pretrain.processes > 1 and not distributed.launched():
+        distributed.run_under_torchrun(project.root, params, "pretrain", params.pretrain.processes, progress)
+        return read_json(project.model_dir("barlow_twins") / MANIFEST)
     data, labels, sequences = training_inputs(project, params)
     out_dir = model_dir(project, "barlow_twins", params, sequences)
     encoder, result = train_barlow_twins(data, params, labels, out_dir, progress)
+    if not distributed.is_main():
+        return {}
     return _export_model(project, out_dir, params, sequences, encoder, data, result)
 
 
@@ -335,13 +344,18 @@ def train_baselines(project: Project, params: Params, progress: bool = True) -> 
     """The comparison methods on the same sequences: dual encoder (same budget), ALS, handcrafted, random."""
     import torch
 
-    from userlens import baselines
+    from userlens import baselines, distributed
     from userlens.data import N_SPECIAL
     from userlens.pretraining import train_dual_encoder
 
+    if params.pretrain.processes > 1 and not distributed.launched():
+        distributed.run_under_torchrun(project.root, params, "baselines", params.pretrain.processes, progress)
+        return read_json(project.model_dir("dual_encoder") / BASELINES_SUMMARY)
     data, labels, sequences = training_inputs(project, params)
     out_dir = model_dir(project, "dual_encoder", params, sequences)
     dual, result = train_dual_encoder(data, params, labels, out_dir, progress)
+    if not distributed.is_main():  # the other baselines, and every export, are rank 0's
+        return {}
     summary = {"dual_encoder": _export_model(project, out_dir, params, sequences, dual.encoder, data, result)}
     with torch.no_grad():  # the item tower's vectors in item_index order, for next-item ranking
         save_array_atomic(project.embeddings_dir / "dual_encoder.items.npy",
@@ -359,6 +373,7 @@ def train_baselines(project: Project, params: Params, progress: bool = True) -> 
         version = f"{method}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
         write_embeddings(project, method, [vectors], version)
         summary[method] = {"model_version": version, "dim": int(vectors.shape[1])}
+    write_json_atomic(out_dir / BASELINES_SUMMARY, summary)
     return summary
 
 
@@ -441,12 +456,16 @@ def model_dir(project: Project, method: str, params: Params, sequences: dict, fo
         [params.section_hash(*TRAINING_SECTIONS[method]), str(params.sequences.max_length),
          sequences["raw_dvc_hash"], sequences["params_hash"], code[:16]]
     )  # fmt: skip
+    from userlens import distributed
+
     folder = project.model_dir(method) if folder is None else folder
     marker = folder / RUN_KEY
-    if folder.exists() and (not marker.exists() or marker.read_text() != key):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
+    if distributed.is_main():  # under torchrun: one process prepares it, the others wait
+        if folder.exists() and (not marker.exists() or marker.read_text() != key):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(key)
+    distributed.barrier()
     return folder
 
 

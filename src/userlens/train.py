@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from userlens import distributed
 from userlens.config import TrainLoopParams
 from userlens.geometry import effective_rank
 from userlens.io import atomic_file
@@ -146,11 +147,18 @@ def fit(
     checkpoint if present. `stop_after_rounds` ends this call early (as a kill after that
     round's checkpoint would): calling `fit` again resumes. The selected weights end up in
     `out_dir/best.pt` and in `model`. `lengths` (every user's history length) and
-    `length_buckets` > 1 batch users of similar length together (epoch_order)."""
+    `length_buckets` > 1 batch users of similar length together (epoch_order).
+
+    Under torchrun (distributed.py) every process runs this loop on the same global batches;
+    rank 0 alone evaluates and writes the checkpoints and curves."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     device = next(model.parameters()).device
     batch_size = min(params.batch_size, len(train_users))
+    distributed.check_batch(batch_size)
     steps_per_epoch = max(1, len(train_users) // batch_size)  # drop the ragged last batch (BatchNorm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(params.steps, params.warmup_fraction))
@@ -160,11 +168,15 @@ def fit(
         log.info("%s: resuming after step %d", desc, state["step"])
     if state["step"] == 0:
         torch.manual_seed(params.seed)  # dropout's RNG; later rounds restore it from the checkpoint
+    if not main:  # each process its own dropout masks (rank 0's are the checkpointed ones)
+        torch.manual_seed(params.seed * 1_000_003 + state["step"] * 7_919 + distributed.rank())
+    trained = distributed.wrap(model)  # what takes the steps (DistributedDataParallel under torchrun)
     autocast = device.type == "cuda"
     users = torch.as_tensor(train_users, dtype=torch.long)
     by_probe = params.selection == "probe"
     started, ran, order, order_epoch = time.perf_counter(), 0, users, -1
-    bar = tqdm(total=params.steps, initial=state["step"], desc=desc, unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=params.steps, initial=state["step"], desc=desc, unit="step", disable=not (progress and main),
+               leave=False)  # fmt: skip
 
     while state["step"] < params.steps and not (by_probe and state["bad_rounds"] >= params.patience):
         model.train()
@@ -178,7 +190,7 @@ def fit(
                 order = epoch_order(users, params.seed, epoch, batch_size, lengths, length_buckets)
             batch_users = order[slot * batch_size : (slot + 1) * batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = step_loss(model, batch_users, step_generator(params.seed, step))
+                loss = step_loss(trained, batch_users, step_generator(params.seed, step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
@@ -190,29 +202,34 @@ def fit(
             bar.set_postfix(loss=f"{losses[-1]:.4f}", seq_per_s=f"{rate:,.0f}")
         train_seconds = time.perf_counter() - t0
         model.eval()
-        embeddings = embed(model)
-        val = float(score(embeddings))
-        row = {
-            "step": last,
-            "epoch": round(last * batch_size / len(users), 3),  # passes over the training users
-            "sequences_seen": last * batch_size,
-            "loss": float(np.mean(losses)),
-            "val_score": val,
-            "lr": schedule.get_last_lr()[0],
-            "seq_per_s": len(losses) * batch_size / train_seconds,
-            **collapse_stats(embeddings),
-        }
-        state["history"].append(row)
+        row = None
+        if main:
+            embeddings = embed(model)
+            row = {
+                "step": last,
+                "epoch": round(last * batch_size / len(users), 3),  # passes over the training users
+                "sequences_seen": last * batch_size,
+                "loss": float(np.mean(losses)),
+                "val_score": float(score(embeddings)),
+                "lr": schedule.get_last_lr()[0],
+                "seq_per_s": len(losses) * batch_size / train_seconds,
+                **collapse_stats(embeddings),
+            }
+        val = distributed.from_main(row["val_score"] if row else None)  # every process stops alike
         state["step"] = last
-        if not by_probe or val > state["best_score"]:
+        better = not by_probe or val > state["best_score"]
+        if better:
             state.update(best_step=last, best_score=val, bad_rounds=0)
-            atomic_save({"model": model.state_dict()}, out_dir / BEST)
         else:
             state["bad_rounds"] += 1
-        atomic_save(_checkpoint(state, model, optimizer, schedule), out_dir / CHECKPOINT)
-        _write_curves(state["history"], out_dir / CURVES)
-        log.info("%s step %d: loss %.4f, val %.4f, effective rank %.1f", desc, last, row["loss"], val,
-                 row["effective_rank"])  # fmt: skip
+        if main:
+            state["history"].append(row)
+            if better:
+                atomic_save({"model": model.state_dict()}, out_dir / BEST)
+            atomic_save(_checkpoint(state, model, optimizer, schedule), out_dir / CHECKPOINT)
+            _write_curves(state["history"], out_dir / CURVES)
+            log.info("%s step %d: loss %.4f, val %.4f, effective rank %.1f", desc, last, row["loss"], val,
+                     row["effective_rank"])  # fmt: skip
         ran += 1
         if stop_after_rounds is not None and ran >= stop_after_rounds:
             break
@@ -220,6 +237,7 @@ def fit(
 
     stopped_early = by_probe and state["bad_rounds"] >= params.patience
     finished = state["step"] >= params.steps or stopped_early
+    distributed.barrier()  # rank 0 has written best.pt
     if finished and (out_dir / BEST).exists():
         model.load_state_dict(torch.load(out_dir / BEST, map_location=device, weights_only=True)["model"])
     if by_probe:

@@ -33,6 +33,8 @@ def pretrain(obj: Context, no_progress):
     from userlens import stages
 
     manifest = stages.pretrain(obj.project, obj.params(), progress=not no_progress)
+    if not manifest:  # a torchrun process other than rank 0: it exports nothing
+        return
     selection = manifest["selection"]
     click.echo(
         f"barlow_twins {manifest['model_version']}: {manifest['steps_run']} steps, exported step "
@@ -54,6 +56,8 @@ def baselines(obj: Context, no_progress):
     from userlens import stages
 
     summary = stages.train_baselines(obj.project, obj.params(), progress=not no_progress)
+    if not summary:  # a torchrun process other than rank 0
+        return
     click.echo(
         "embeddings in data/embeddings/: " + ", ".join(f"{m} ({s['model_version']})" for m, s in summary.items())
     )
