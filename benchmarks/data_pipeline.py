@@ -112,17 +112,54 @@ def worker_expectations(project: Path, engine: str) -> None:
     batch, parameters = runner.batch("interactions")
     batch = batch.get_batch(batch_parameters=parameters)
     load_s = time.perf_counter() - started
+    queries: list[str] = []
+    if engine == "duckdb":  # every SQL statement GX sends, to count what one expectation costs
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        event.listen(Engine, "before_cursor_execute", lambda *a: queries.append(a[2]))  # every engine GX opens
+    # (GROUP BY queries below: over the table, not GX's reflection of pg_catalog)
     timings = []
     for expectation in validation.interactions_expectations(params, tables.rating_scale, int(time.time()),
                                                             gx_engines.DIALECTS[engine]):  # fmt: skip
+        queries.clear()
         began = time.perf_counter()
         batch.validate(expectation, result_format=validation.RESULT_FORMAT)
         column = getattr(expectation, "column", None) or ", ".join(getattr(expectation, "column_list", []))
+        grouped = sum("GROUP BY" in q.upper() and "PG_" not in q.upper() for q in queries)
         timings.append({"expectation": expectation.expectation_type, "column": column,
-                        "seconds": time.perf_counter() - began})  # fmt: skip
+                        "seconds": time.perf_counter() - began, "sql_queries": len(queries),
+                        "group_by_queries": grouped})  # fmt: skip
+    options = duplicate_check_options(runner) if engine == "duckdb" else None
     runner.close()
     emit({"engine": engine, "rows": frame.height, "derived_columns_s": prepare_s, "load_s": load_s,
-          "expectations": timings})  # fmt: skip
+          "expectations": timings, "duplicate_check_options": options})  # fmt: skip
+
+
+def duplicate_check_options(runner) -> dict:
+    """What the compound-uniqueness check would cost otherwise, on the same DuckDB table: the
+    duplicate rows found by one GROUP BY joined back (the query GX repeats once per metric), and
+    that group count stored as a column at load time with GX checking the column."""
+    import great_expectations.expectations as gxe
+
+    from userlens.gx_engines import RATING_OR_NAN
+
+    duck = runner.connection.driver_connection
+    keys = f"user_id, item_id, timestamp, {RATING_OR_NAN}"
+    began = time.perf_counter()
+    duck.execute(f"SELECT count(*) FROM interactions JOIN (SELECT {keys} FROM interactions GROUP BY ALL "
+                 f"HAVING count(*) > 1) USING ({keys})").fetchall()  # fmt: skip
+    one_query = time.perf_counter() - began
+    began = time.perf_counter()
+    duck.execute(f"CREATE TABLE interactions_counted AS SELECT i.*, g.copies FROM interactions i JOIN "
+                 f"(SELECT {keys}, count(*) AS copies FROM interactions GROUP BY ALL) g USING ({keys})")  # fmt: skip
+    counted = time.perf_counter() - began
+    batch = runner.source.add_table_asset("interactions_counted", table_name="interactions_counted")
+    batch = batch.add_batch_definition_whole_table("whole").get_batch()
+    began = time.perf_counter()
+    batch.validate(gxe.ExpectColumnValuesToBeBetween(column="copies", max_value=1))
+    checked = time.perf_counter() - began
+    return {"one_group_by_join_s": one_query, "count_column_at_load_s": counted, "gx_check_of_count_column_s": checked}
 
 
 def worker_floor(project: Path, source: str) -> None:
@@ -222,9 +259,15 @@ def main() -> None:
                 f"\n{r['dataset']}, GX engine {engine}: derived columns {b['derived_columns_s']:.2f} s, "
                 f"tables ready for GX {b['load_s']:.2f} s; each interactions expectation alone:\n"
             )
-            print("| expectation | column(s) | s |\n|---|---|---:|")
+            print("| expectation | column(s) | s | SQL queries (GROUP BY) |\n|---|---|---:|---:|")
             for e in b["expectations"]:
-                print(f"| {e['expectation']} | {e['column']} | {e['seconds']:.2f} |")
+                sql = f"{e['sql_queries']} ({e['group_by_queries']})" if engine == "duckdb" else "-"
+                print(f"| {e['expectation']} | {e['column']} | {e['seconds']:.2f} | {sql} |")
+            if options := b.get("duplicate_check_options"):
+                print(
+                    "\nThe duplicate check otherwise, same table (s): "
+                    + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}" for k, v in options.items())
+                )
     print(
         "\nSetup, not in the totals (s): "
         + ", ".join(
