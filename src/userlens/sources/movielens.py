@@ -16,9 +16,12 @@ csv   (ml-20m, ml-25m,  ratings.csv  userId,movieId,rating,timestamp (with this 
        ml-latest-small)              means no categories)
 
 Releases without a users file get a users table of the rating user ids. Text files are read
-as UTF-8 when valid, else latin-1 (100k/dat) or rejected (csv). Parsing is vectorised: polars
-reads every field as a string, then each column is checked and cast, so a damaged file
-yields a DataError naming the file, the line and the offending value.
+as UTF-8 when valid (a byte-order mark and CRLF line ends are fine), else latin-1 (100k/dat,
+logged) or rejected (csv). Parsing is vectorised: polars reads every field as a string, then
+each column is checked and cast, so a damaged file yields a DataError naming the file, the
+line and the offending value. Timestamps in epoch milliseconds (or finer) are converted to
+seconds with a note (common.epoch_seconds); ratings of movies or users missing from the
+movies or users file are reported (common.missing_ids).
 
 `snapshot` copies the files the reader needs (plus README) from a local folder, or downloads
 the official zip (md5-checked) when allowed; `read` parses such a snapshot folder.
@@ -46,6 +49,7 @@ from tqdm import tqdm
 from userlens.errors import DataError, DownloadError
 from userlens.io import atomic_dir
 from userlens.schema import CanonicalTables
+from userlens.sources.common import NO_ATTRIBUTES, UNKNOWN_ITEMS, UTF8_FIX, UTF16_BOMS, epoch_seconds, missing_ids
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +196,7 @@ def _fetch(url: str, out: BinaryIO, dataset: str, timeout: float, progress: bool
         request = urllib.request.Request(url, headers={"User-Agent": "userlens"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress
-            ) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress) as bar:
                 while block := response.read(1 << 20):
                     out.write(block)
                     digest.update(block)
@@ -220,8 +222,7 @@ def _published_md5(url: str, dataset: str, timeout: float) -> str:
             text = response.read(4096).decode("ascii", "replace")
     except (OSError, HTTPException, ValueError) as exc:
         raise DownloadError(
-            f"downloading {dataset} failed: could not fetch its checksum {md5_url} ({exc}). "
-            + _alternatives(dataset)
+            f"downloading {dataset} failed: could not fetch its checksum {md5_url} ({exc}). " + _alternatives(dataset)
         ) from None
     found = re.search(r"\b[0-9a-fA-F]{32}\b", text)
     if not found:
@@ -236,9 +237,7 @@ def _extract(archive: Path, dest_dir: Path, dataset: str, url: str) -> Path:
             names = [n for n in zf.namelist() if not n.startswith("__MACOSX/") and not n.endswith("/")]
             keys = sorted((n for n in names if n.rsplit("/", 1)[-1] == release.files[0]), key=len)
             if not keys:
-                raise DataError(
-                    f"{url}: the archive holds no {release.files[0]}; it is not the {dataset} release"
-                )
+                raise DataError(f"{url}: the archive holds no {release.files[0]}; it is not the {dataset} release")
             root = keys[0][: -len(release.files[0])]
             members = {n[len(root) :]: n for n in names if n.startswith(root) and "/" not in n[len(root) :]}
             missing = [f for f in release.files if f not in members]
@@ -306,8 +305,7 @@ def _require(folder: Path, release: Release) -> None:
     if missing:
         held = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise DataError(
-            f"{folder}: missing {', '.join(missing)}; expected {', '.join(release.files)}, "
-            f"but the folder holds: {held}"
+            f"{folder}: missing {', '.join(missing)}; expected {', '.join(release.files)}, but the folder holds: {held}"
         )
 
 
@@ -328,12 +326,25 @@ def read(dataset: str, raw_dir: Path, rating_scale: tuple[float, float] | None =
     notes = [f"MovieLens {dataset}; rating scale {list(scale)} ({origin})"]
     outside = interactions.filter(~pl.col("rating").is_between(*scale)).height
     if outside:
-        notes.append(f"{outside} ratings fall outside the rating scale {list(scale)}")
+        notes.append(f"{raw_dir}: {outside} ratings fall outside the rating scale {list(scale)}")
+    ratings_path = raw_dir / release.files[0]
+    skip = 1 + int(release.layout == "csv")  # row i is line i + 1, after the header line of .csv
+    seconds, note = epoch_seconds(interactions["timestamp"], ratings_path, lambda row: f"line {row + skip}")
+    interactions = interactions.with_columns(seconds)
+    items_path = raw_dir / release.files[1]
+    users_path = raw_dir / next((f for f in release.files if f.startswith(("u.user", "users"))), "-")
+    notes += [
+        note,
+        # official releases never miss one; a hand-cut release may miss many: reported, not refused
+        missing_ids(interactions, items, "item_id", items_path, ratings_path, UNKNOWN_ITEMS, refuse_disjoint=False),
+        missing_ids(interactions, users, "user_id", users_path, ratings_path, NO_ATTRIBUTES, refuse_disjoint=False)
+        if users_path.is_file()
+        else None,
+    ]
+    notes = [n for n in notes if n]
     for note in notes[1:]:
-        log.warning("%s: %s", raw_dir, note)
-    log.info(
-        "read %s: %d ratings, %d users, %d items", dataset, interactions.height, users.height, items.height
-    )
+        log.warning("%s", note)
+    log.info("read %s: %d ratings, %d users, %d items", dataset, interactions.height, users.height, items.height)
     return CanonicalTables(interactions, items, users, scale, origin, notes).conform()
 
 
@@ -343,9 +354,7 @@ def _read_100k(folder: Path) -> Frames:
     genres = _fields(genre_path, ["name", "index"], "|", required=["name", "index"], latin1=True)
     genres = genres.with_columns(_ints(genres, genre_path, "index", "genre index")).sort("index")
     if genres["index"].to_list() != list(range(genres.height)):
-        raise DataError(
-            f"{genre_path}: genre indices must run 0..{genres.height - 1}, got {genres['index'].to_list()}"
-        )
+        raise DataError(f"{genre_path}: genre indices must run 0..{genres.height - 1}, got {genres['index'].to_list()}")
     names = genres["name"].to_list()
 
     item_path = folder / "u.item"
@@ -360,9 +369,7 @@ def _read_100k(folder: Path) -> Frames:
     _ints(raw, item_path, "item_id", "movie id")
     bad = ~pl.all_horizontal([pl.col(f).is_in(["0", "1"]) for f in flags])
     _fail_first(raw, bad, item_path, lambda row: f"genre flags must be 0 or 1, got {[row[f] for f in flags]}")
-    categories = pl.concat_list(
-        [pl.when(pl.col(f) == "1").then(pl.lit(n)) for f, n in zip(flags, names, strict=True)]
-    )
+    categories = pl.concat_list([pl.when(pl.col(f) == "1").then(pl.lit(n)) for f, n in zip(flags, names, strict=True)])
     items = _unique(
         raw.select("item_id", "title", categories.list.drop_nulls().alias("categories")), item_path, "item_id"
     )
@@ -493,6 +500,12 @@ def _fields(
             )
         if len(raw) == end + 1:
             raise DataError(f"{path}: has a header line but no data rows")
+        again = raw.find(b"\n" + first + b"\n", end)
+        if again >= 0:  # files joined together
+            line = raw.count(b"\n", 0, again + 1) + 1
+            raise DataError(
+                f"{path}: line {line} repeats the header line {header!r} (files joined together?); remove it"
+            )
         skip = 1
     try:
         frame = pl.read_csv(
@@ -505,15 +518,11 @@ def _fields(
         )
     except pl.exceptions.PolarsError as exc:
         _field_count_error(path, raw, psep, sep, len(names), complete, quoted)
-        raise DataError(
-            f"{path}: cannot be parsed as {len(names)} fields separated by {sep!r}: {exc}"
-        ) from None
+        raise DataError(f"{path}: cannot be parsed as {len(names)} fields separated by {sep!r}: {exc}") from None
     missing = pl.any_horizontal([pl.col(c).is_null() for c in required])
     if frame.select(missing.any()).item():
         _field_count_error(path, raw, psep, sep, len(names), complete, quoted)
-        _fail_first(
-            frame, missing, path, lambda row: f"empty field(s) {[c for c in required if row[c] is None]}"
-        )
+        _fail_first(frame, missing, path, lambda row: f"empty field(s) {[c for c in required if row[c] is None]}")
     return frame
 
 
@@ -526,7 +535,8 @@ def _load(path: Path, latin1: bool) -> tuple[bytes, bool]:
     if not raw or raw.isspace():
         raise DataError(f"{path}: the file is empty")
     if b"\x00" in raw:
-        raise DataError(f"{path}: contains NUL bytes: binary data (or UTF-16), not a MovieLens text file")
+        what = "UTF-16 text" if raw.startswith(UTF16_BOMS) else "binary data (or UTF-16)"
+        raise DataError(f"{path}: contains NUL bytes: {what}, not a MovieLens text file; re-save it as UTF-8")
     raw = raw.removeprefix(codecs.BOM_UTF8)
     if not raw.isascii():
         try:
@@ -536,9 +546,10 @@ def _load(path: Path, latin1: bool) -> tuple[bytes, bool]:
                 line = raw.count(b"\n", 0, exc.start) + 1
                 snippet = raw[max(0, exc.start - 20) : exc.start + 10]
                 raise DataError(
-                    f"{path}: not valid UTF-8 at line {line} (bytes {snippet!r}); the official file is UTF-8 "
-                    "(re-encode it, e.g. iconv -f latin1 -t utf-8)"
+                    f"{path}: not valid UTF-8 at line {line} (bytes {snippet!r}); the official file is UTF-8: "
+                    f"{UTF8_FIX}"
                 ) from None
+            log.info("%s: not UTF-8, read as latin-1 (as the official file is written)", path)
             raw = raw.decode("latin-1").encode("utf-8")
     if b"\r" in raw:
         raw = raw.replace(b"\r\n", b"\n")
@@ -551,9 +562,7 @@ def _load(path: Path, latin1: bool) -> tuple[bytes, bool]:
     return raw, complete
 
 
-def _field_count_error(
-    path: Path, raw: bytes, psep: str, sep: str, n: int, complete: bool, quoted: bool
-) -> None:
+def _field_count_error(path: Path, raw: bytes, psep: str, sep: str, n: int, complete: bool, quoted: bool) -> None:
     """Raise a DataError naming the first line whose field count is not `n` (if there is one)."""
     if b"\x1e" in raw:
         return
@@ -561,9 +570,7 @@ def _field_count_error(
     text = pl.col("line").fill_null("")
     if quoted:  # drop quoted parts, whose separators do not count
         text = text.str.replace_all(r'"(?:[^"]|"")*"', '""')
-    count = (
-        pl.when(pl.col("line").is_null()).then(0).otherwise(text.str.count_matches(psep, literal=True) + 1)
-    )
+    count = pl.when(pl.col("line").is_null()).then(0).otherwise(text.str.count_matches(psep, literal=True) + 1)
     bad = lines.with_row_index("i").with_columns(count.alias("n")).filter(pl.col("n") != n)
     if bad.height == 0:
         return
@@ -604,7 +611,7 @@ def _fail_first(frame: pl.DataFrame, bad: pl.Expr, path: Path, describe: Callabl
     skip = int(path.suffix == ".csv")
     line = row.pop("_row") + 1 + skip
     header_like = all(isinstance(v, str) and not v.replace(".", "", 1).isdigit() for v in row.values())
-    hint = " (a header line? the official file has none)" if line == 1 and skip == 0 and header_like else ""
+    hint = " (a header line? the official file has none)" if skip == 0 and header_like else ""
     more = f" ({hits.height - 1} more such lines)" if hits.height > 1 else ""
     raise DataError(f"{path}: line {line}: {describe(row)}{hint}{more}")
 
@@ -613,5 +620,10 @@ def _unique(frame: pl.DataFrame, path: Path, key: str) -> pl.DataFrame:
     dup = frame[key].is_duplicated()
     if dup.any():
         example = frame.filter(dup)[key][0]
-        raise DataError(f"{path}: {key} {example!r} appears on more than one line")
+        lines = (frame[key] == example).arg_true() + 1 + int(path.suffix == ".csv")  # as in _fail_first
+        more = frame.filter(dup)[key].n_unique() - 1
+        raise DataError(
+            f"{path}: {key} {example!r} appears on more than one line (lines {', '.join(map(str, lines))})"
+            + (f"; {more} more such id(s)" if more else "")
+        )
     return frame
