@@ -16,6 +16,7 @@ import pytest
 
 from userlens.errors import DataError
 from userlens.sources import movielens as ml
+from userlens.sources import movielens_fetch as fetch
 
 GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -50,9 +51,7 @@ def write_100k(folder: Path) -> Path:
 
 def write_1m(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ratings.dat").write_text(
-        "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
-    )
+    (folder / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
     movies = (
         "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
         "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
@@ -67,12 +66,8 @@ def write_1m(folder: Path) -> Path:
 
 def write_10m(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ratings.dat").write_text(
-        "1::122::0.5::838985046\n1::185::4.5::838983525\n2::122::5::838983392\n"
-    )
-    (folder / "movies.dat").write_text(
-        "122::Boomerang (1992)::Comedy|Romance\n185::Net, The (1995)::Action|Crime\n"
-    )
+    (folder / "ratings.dat").write_text("1::122::0.5::838985046\n1::185::4.5::838983525\n2::122::5::838983392\n")
+    (folder / "movies.dat").write_text("122::Boomerang (1992)::Comedy|Romance\n185::Net, The (1995)::Action|Crime\n")
     (folder / "tags.dat").write_text("1::122::fun::838985046\n")
     return folder
 
@@ -190,7 +185,7 @@ def real_100k() -> Path:
         Path(__file__).resolve().parents[2] / "shared" / "data",
     ]
     for candidate in candidates:
-        found = ml.find_local("ml-100k", candidate) if candidate else None
+        found = fetch.find_local("ml-100k", candidate) if candidate else None
         if found is not None:
             return found
     pytest.skip("real MovieLens-100K not found (set USERLENS_DATA_DIR or provide ../shared/data/ml-100k)")
@@ -222,7 +217,7 @@ def test_real_100k(real_100k):
 
 
 def test_real_100k_snapshot_copies_only_needed_files(real_100k, tmp_path):
-    info = ml.snapshot("ml-100k", real_100k.parent, tmp_path / "raw", allow_download=False)
+    info = fetch.snapshot("ml-100k", real_100k.parent, tmp_path / "raw", allow_download=False)
     assert info["origin"] == f"local:{real_100k}"
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [
         "README",
@@ -238,17 +233,17 @@ def test_real_100k_snapshot_copies_only_needed_files(real_100k, tmp_path):
 
 def test_find_local_folder_or_parent(tmp_path):
     folder = write_100k(tmp_path / "ml-100k")
-    assert ml.find_local("ml-100k", folder) == folder
-    assert ml.find_local("ml-100k", tmp_path) == folder
-    assert ml.find_local("ml-100k", str(tmp_path)) == folder
-    assert ml.find_local("ml-100k", None) is None
-    assert ml.find_local("ml-1m", tmp_path) is None
-    assert ml.find_local("ml-100k", tmp_path / "nowhere") is None
+    assert fetch.find_local("ml-100k", folder) == folder
+    assert fetch.find_local("ml-100k", tmp_path) == folder
+    assert fetch.find_local("ml-100k", str(tmp_path)) == folder
+    assert fetch.find_local("ml-100k", None) is None
+    assert fetch.find_local("ml-1m", tmp_path) is None
+    assert fetch.find_local("ml-100k", tmp_path / "nowhere") is None
     ten = write_10m(tmp_path / "ml-10M100K")
-    assert ml.find_local("ml-10m", tmp_path) == ten
+    assert fetch.find_local("ml-10m", tmp_path) == ten
     one = write_1m(tmp_path / "ml-1m")
-    assert ml.find_local("ml-10m", one) is None  # another release's folder is not taken for ml-10m
-    assert ml.find_local("ml-1m", one) == one
+    assert fetch.find_local("ml-10m", one) is None  # another release's folder is not taken for ml-10m
+    assert fetch.find_local("ml-1m", one) == one
 
 
 def test_snapshot_local_copies_only_needed_files_and_replaces(tmp_path):
@@ -256,7 +251,7 @@ def test_snapshot_local_copies_only_needed_files_and_replaces(tmp_path):
     dest = tmp_path / "raw" / "ml-100k"
     dest.mkdir(parents=True)
     (dest / "stale.txt").write_text("old")
-    info = ml.snapshot("ml-100k", tmp_path / "data", dest, allow_download=False)
+    info = fetch.snapshot("ml-100k", tmp_path / "data", dest, allow_download=False)
     assert info["origin"] == f"local:{tmp_path / 'data' / 'ml-100k'}"
     assert sorted(info["files"]) == ["README", "u.data", "u.genre", "u.item", "u.user"]
     assert sorted(p.name for p in dest.iterdir()) == sorted(info["files"])
@@ -265,13 +260,13 @@ def test_snapshot_local_copies_only_needed_files_and_replaces(tmp_path):
 
 def test_snapshot_csv_copies_readme_not_extras(tmp_path):
     write_csv(tmp_path / "ml-25m")
-    info = ml.snapshot("ml-25m", tmp_path / "ml-25m", tmp_path / "raw", allow_download=False)
+    info = fetch.snapshot("ml-25m", tmp_path / "ml-25m", tmp_path / "raw", allow_download=False)
     assert sorted(info["files"]) == ["README.txt", "movies.csv", "ratings.csv"]
 
 
 def test_snapshot_without_local_copy_or_download(tmp_path):
     with pytest.raises(DataError) as err:
-        ml.snapshot("ml-1m", tmp_path, tmp_path / "raw", allow_download=False)
+        fetch.snapshot("ml-1m", tmp_path, tmp_path / "raw", allow_download=False)
     message = str(err.value)
     assert "--data-dir" in message and "USERLENS_DATA_DIR" in message and "synthetic" in message
     assert not (tmp_path / "raw").exists()
@@ -281,7 +276,7 @@ def test_snapshot_incomplete_local_folder(tmp_path):
     folder = write_1m(tmp_path / "ml-1m")
     (folder / "users.dat").unlink()
     with pytest.raises(DataError, match=r"missing users\.dat.*holds: README, movies\.dat, ratings\.dat"):
-        ml.snapshot("ml-1m", tmp_path, tmp_path / "raw", allow_download=True)
+        fetch.snapshot("ml-1m", tmp_path, tmp_path / "raw", allow_download=True)
 
 
 # --- downloading from a local server ----------------------------------------------------------
@@ -296,9 +291,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def server(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root))
-    )
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -317,7 +310,7 @@ def test_download_verifies_md5_and_extracts(tmp_path, server):
     root, base = server
     md5 = _zip_release(write_100k(tmp_path / "src" / "ml-100k"), root / "ml-100k.zip")
     dest = tmp_path / "downloads"
-    folder = ml.download("ml-100k", dest, url=f"{base}/ml-100k.zip", expected_md5=md5, progress=False)
+    folder = fetch.download("ml-100k", dest, url=f"{base}/ml-100k.zip", expected_md5=md5, progress=False)
     assert folder == dest / "ml-100k"
     assert sorted(p.name for p in folder.iterdir()) == ["README", "u.data", "u.genre", "u.item", "u.user"]
     assert sorted(p.name for p in dest.iterdir()) == ["ml-100k"]  # no temp files left
@@ -329,7 +322,7 @@ def test_download_wrong_md5_leaves_nothing(tmp_path, server):
     md5 = _zip_release(write_100k(tmp_path / "src" / "ml-100k"), root / "ml-100k.zip")
     dest = tmp_path / "downloads"
     with pytest.raises(DataError, match=rf"expected md5 0{{32}}, got {md5}"):
-        ml.download("ml-100k", dest, url=f"{base}/ml-100k.zip", expected_md5="0" * 32, progress=False)
+        fetch.download("ml-100k", dest, url=f"{base}/ml-100k.zip", expected_md5="0" * 32, progress=False)
     assert not dest.exists() or list(dest.iterdir()) == []
 
 
@@ -337,18 +330,18 @@ def test_download_pinned_md5_applies_to_mirror_url(tmp_path, server):
     root, base = server
     _zip_release(write_100k(tmp_path / "src" / "ml-100k"), root / "ml-100k.zip")
     with pytest.raises(DataError, match=rf"expected md5 {ml.RELEASES['ml-100k'].md5}"):
-        ml.download("ml-100k", tmp_path / "d", url=f"{base}/ml-100k.zip", progress=False)
+        fetch.download("ml-100k", tmp_path / "d", url=f"{base}/ml-100k.zip", progress=False)
 
 
 def test_download_uses_published_md5_file(tmp_path, server):
     root, base = server
     md5 = _zip_release(write_csv(tmp_path / "src" / "ml-latest-small"), root / "ml-latest-small.zip")
     (root / "ml-latest-small.zip.md5").write_text(f"MD5 (ml-latest-small.zip) = {md5}\n")
-    folder = ml.download("ml-latest-small", tmp_path / "d", url=f"{base}/ml-latest-small.zip", progress=False)
+    folder = fetch.download("ml-latest-small", tmp_path / "d", url=f"{base}/ml-latest-small.zip", progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["README.txt", "movies.csv", "ratings.csv"]
     (root / "ml-latest-small.zip.md5").write_text(f"MD5 (ml-latest-small.zip) = {'f' * 32}\n")
     with pytest.raises(DataError, match="checksum mismatch"):
-        ml.download("ml-latest-small", tmp_path / "e", url=f"{base}/ml-latest-small.zip", progress=False)
+        fetch.download("ml-latest-small", tmp_path / "e", url=f"{base}/ml-latest-small.zip", progress=False)
 
 
 def test_snapshot_downloads_when_allowed(tmp_path, server, monkeypatch):
@@ -357,7 +350,7 @@ def test_snapshot_downloads_when_allowed(tmp_path, server, monkeypatch):
     release = dataclasses.replace(ml.RELEASES["ml-1m"], url=f"{base}/ml-1m.zip", md5=md5)
     monkeypatch.setitem(ml.RELEASES, "ml-1m", release)
     dest = tmp_path / "raw" / "ml-1m"
-    info = ml.snapshot("ml-1m", None, dest, allow_download=True)
+    info = fetch.snapshot("ml-1m", None, dest, allow_download=True)
     assert info == {
         "origin": f"download:{base}/ml-1m.zip",
         "files": ["ratings.dat", "movies.dat", "users.dat", "README"],
@@ -371,7 +364,7 @@ def test_download_failure_names_alternatives(tmp_path, server, url):
     _, base = server
     url = f"{base}/no-such.zip" if url == "missing" else url
     with pytest.raises(DataError) as err:
-        ml.download("ml-100k", tmp_path / "d", url=url, timeout=5, progress=False)
+        fetch.download("ml-100k", tmp_path / "d", url=url, timeout=5, progress=False)
     message = str(err.value)
     assert "download" in message and url in message
     assert "--data-dir" in message and "USERLENS_DATA_DIR" in message and "synthetic" in message
@@ -382,7 +375,7 @@ def test_download_not_a_release(tmp_path, server):
     root, base = server
     md5 = _zip_release(write_csv(tmp_path / "src" / "ml-20m"), root / "ml-1m.zip")
     with pytest.raises(DataError, match="holds no ratings.dat"):
-        ml.download("ml-1m", tmp_path / "d", url=f"{base}/ml-1m.zip", expected_md5=md5, progress=False)
+        fetch.download("ml-1m", tmp_path / "d", url=f"{base}/ml-1m.zip", expected_md5=md5, progress=False)
 
 
 # --- damaged input ------------------------------------------------------------------------

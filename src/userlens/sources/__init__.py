@@ -20,9 +20,9 @@ def snapshot_source(data: DataParams, dest: Path, progress: bool = True) -> dict
 
         return {"origin": "synthetic", **generate_synthetic(data.synthetic, dest, progress=progress)}
     if data.source == "movielens":
-        from userlens.sources import movielens
+        from userlens.sources import movielens_fetch
 
-        return movielens.snapshot(data.dataset, data.movielens_dir(), dest, allow_download=data.download)
+        return movielens_fetch.snapshot(data.dataset, data.movielens_dir(), dest, allow_download=data.download)
     from userlens.sources import generic
 
     return generic.snapshot(data, dest)
