@@ -160,6 +160,9 @@ def epoch_seconds(values: pl.Series, path: Path, where: Callable[[int], str]) ->
     """Epoch timestamps (Int64) in seconds. A column whose every value is in milliseconds,
     microseconds or nanoseconds (by magnitude) is divided down and a note says so; one that
     mixes units is refused, naming a few rows of the smaller group (`where(row)` names a row)."""
+    largest = values.abs().max()
+    if largest is None or largest < SECONDS_LIMIT:  # the usual case, in one pass
+        return values, None
     unit = pl.Series([0] * len(values), dtype=pl.Int8)
     for i in range(1, len(EPOCH_UNITS)):
         unit += (values.abs() >= SECONDS_LIMIT * 1000 ** (i - 1)).cast(pl.Int8)
