@@ -158,6 +158,34 @@ def http_reader(project, params, slot: str):
     return post, stop
 
 
+def sqlite_write_order(store, project, params, slot: str) -> dict:
+    """The served slot's rows written again into the other (empty) slot's table, in export order
+    and in the order of their stored keys (what publish does), in one run: users/s of each."""
+    import pyarrow.parquet as pq
+
+    from userlens import feature_store
+    from userlens.feast_values import encoded_columns
+    from userlens.feature_sets import EMBEDDINGS
+    from userlens.online_store import SqliteTable
+
+    layout = feature_store.Layout.of(project.root / params.serving.repo)
+    table = pq.read_table(layout.slot_parquet(slot))
+    other = feature_store.SLOTS[1 - feature_store.SLOTS.index(slot)]
+    writer = SqliteTable(store, store.get_feature_view(f"user_embeddings_{other}"))
+    at, out = datetime.now(UTC), {}
+    order = writer.write_order(table["user_id"])
+    for name, rows in (("export order", table), ("key order", table if order is None else table.take(order))):
+        writer.conn.execute(f"DELETE FROM {writer.table}")
+        writer.conn.commit()
+        start = time.perf_counter()
+        for first in range(0, rows.num_rows, 10_000):  # publish's chunk size
+            writer.write(encoded_columns(writer.view, rows.slice(first, 10_000), EMBEDDINGS), at)
+        out[f"sqlite_write_{name.replace(' ', '_')}_users_per_s"] = round(rows.num_rows / (time.perf_counter() - start))
+    writer.conn.execute(f"DELETE FROM {writer.table}")
+    writer.conn.commit()
+    return out
+
+
 def worker(spec: str) -> None:
     import pyarrow.parquet as pq
 
@@ -170,7 +198,7 @@ def worker(spec: str) -> None:
     project = Project(make_project(Path(cfg["root"]), cfg["store"], cfg.get("redis_url")))
     params = project.load_params()
     rng = np.random.default_rng(0)
-    ids = [f"user-{i:07d}" for i in range(users)]
+    ids = [f"user-{i:07d}" for i in rng.permutation(users)]  # an export's order is not its ids' order
     path = project.root / "export.parquet"
     chunks = (rng.standard_normal((min(100_000, users - s), dim), dtype=np.float32) for s in range(0, users, 100_000))
     export_embeddings(path, ids, chunks, "bench-v1", datetime.now(UTC))
@@ -181,6 +209,8 @@ def worker(spec: str) -> None:
     result.pop("redis_url", None)
     slot = published["slot"]
     store = feature_store.open_store(feature_store.Layout.of(project.root / params.serving.repo), params.serving)
+    if users <= COMPARE_UP_TO and cfg["store"] == "sqlite":  # the rows in export order vs in key order
+        result.update(sqlite_write_order(store, project, params, slot))
     if users <= COMPARE_UP_TO:  # the same rows through write_to_online_store and materialize(), for the record
         layout = feature_store.Layout.of(project.root / params.serving.repo)
         frame = pq.read_table(layout.slot_parquet(slot)).to_pandas()
@@ -274,6 +304,12 @@ def main() -> None:
               f"{r['users'] / (r['publish_s'] - r['index_wait_s']):,.0f} | "
               f"{f'{write:,.0f}' if write else 'n/a'} | {f'{feast:,.0f}' if feast else 'n/a'} | "
               f"{r['peak_rss_mib']:,.0f} |")  # fmt: skip
+    if ordered := [r for r in results if "sqlite_write_key_order_users_per_s" in r]:
+        print("\nsqlite rows rewritten into an empty slot table, in one run (users/s):\n")
+        print("| users | dim | in export order | in stored-key order (publish) | ratio |\n|---:|---:|---:|---:|---:|")
+        for r in ordered:
+            slow, fast = r["sqlite_write_export_order_users_per_s"], r["sqlite_write_key_order_users_per_s"]
+            print(f"| {r['users']:,} | {r['dim']} | {slow:,} | {fast:,} | {fast / slow:.1f}x |")
     print("\n| store | users | dim | batch | path | p50 ms | p99 ms | p50 / floor |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
     for r in results:

@@ -22,6 +22,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -101,13 +102,27 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(sequences_project, tmp_pat
             time.sleep(0.05)
         assert checkpoint.exists(), "no checkpoint was written"
     finally:
-        os.killpg(started.pid, signal.SIGKILL)  # torchrun and both training processes
+        os.killpg(started.pid, signal.SIGKILL)  # the command and its torchrun launcher
         started.wait()
+    # torchrun's workers run in sessions of their own: they must die with their launcher, not
+    # train on beside the resumed run
+    deadline = time.monotonic() + 30
+    while _training_in(resumed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _training_in(resumed), "training processes outlived the killed command"
     step = torch.load(checkpoint, weights_only=True)["step"]
     assert 0 < step < 60, "the kill came after the run had finished: nothing was resumed"
     userlens(resumed, "pretrain", "--no-progress")
     assert read_json(resumed / "data/models/barlow_twins/manifest.json")["steps_run"] == 60
     assert_trained_alike(whole, resumed, "barlow_twins")
+
+
+def _training_in(project) -> list:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if str(project) in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(sequences_project, tmp_path):

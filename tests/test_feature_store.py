@@ -240,6 +240,26 @@ def test_the_bulk_writer_stores_what_feasts_own_writer_stores(store_project):
         assert fast.keys([uid]) == [serialize_entity_key(key, entity_key_serialization_version=3)]
 
 
+def test_sqlite_rows_are_written_in_the_order_of_their_stored_keys(sqlite_project):
+    """A B-tree insert then lands beside the previous one (shuffled ids write 3.5x slower)."""
+    import pyarrow as pa
+
+    from userlens.online_store import SqliteTable, table_for
+
+    params = sqlite_project.load_params()
+    layout = feature_store.Layout.of(sqlite_project.root / params.serving.repo)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    store = feature_store.open_store(layout, params.serving)
+    feature_store.apply_definitions(store, layout)
+    writer = table_for(store, store.get_feature_view("user_embeddings_blue"))
+    assert isinstance(writer, SqliteTable)
+    ids = [f"user-{i}" for i in np.random.default_rng(0).permutation(500)] + ["ü", "zz", "a" * 40]
+    order = writer.write_order(pa.chunked_array([ids])).to_pylist()
+    assert sorted(order) == list(range(len(ids)))
+    keys = writer.keys([ids[i] for i in order])
+    assert keys == sorted(keys)
+
+
 def test_cut_over_abort_and_rollback(store_project, monkeypatch):
     """v1, v2 served in turn; a v3 publish that dies half-way leaves v2 whole; rollback serves v1 again."""
     exports = {v: write_export(store_project, v, seed=i) for i, v in enumerate(["v1", "v2", "v3"], start=1)}

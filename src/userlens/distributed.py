@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,10 +58,23 @@ def join(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        _die_with_parent(signal.SIGKILL)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _gather_group = dist.new_group()
         atexit.register(dist.destroy_process_group)
     return device
+
+
+def _die_with_parent(sig: signal.Signals) -> None:
+    """Linux: this process receives `sig` when its parent dies. torchrun starts each worker in a
+    session of its own, so a kill of the command that launched them (its process group, a
+    Prefect cancellation) would leave them training, writing checkpoints beside the next run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before that took effect
+            os._exit(128 + int(sig))
 
 
 def world_size() -> int:
@@ -169,6 +183,7 @@ def torchrun(argv: list[str]) -> int:
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    _die_with_parent(signal.SIGTERM)  # torchrun ends its workers on SIGTERM
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run.run(run.parse_args(argv))

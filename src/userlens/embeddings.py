@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from userlens.data import SequenceData
+from userlens.faults import fault_point
 from userlens.io import atomic_file, list_vectors
 
 EXPORT_SCHEMA = pa.schema(
@@ -136,6 +137,7 @@ def export_embeddings(
                 )
                 writer.write_table(table)
                 written += n
+                fault_point("export")  # a test seam (faults.py); nothing when unset
         if written != len(ids):
             raise ValueError(f"{written} embeddings for {len(ids)} users")
     return written

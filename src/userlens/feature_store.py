@@ -35,6 +35,7 @@ import yaml
 
 from userlens.config import Params, ServingParams
 from userlens.errors import ConfigError, ServingError
+from userlens.faults import fault_point
 from userlens.feast_values import encoded_columns
 from userlens.feature_sets import EMBEDDINGS, FeatureSet, export_version, slot_table
 from userlens.io import list_vectors, read_json, save_array_atomic, utc_now, write_json_atomic, write_parquet_atomic
@@ -50,6 +51,16 @@ HISTORY = 20  # earlier publishes kept in the pointer
 # How stale a Feast client's registry may be: `feast serve` refreshes it this often (userlens
 # serve passes it), SDK clients through feature_store.yaml's cache_ttl_seconds (the same).
 REGISTRY_TTL_S = 5
+# An online-store call that fails to connect (Redis restarting, a network blip) is tried this often
+# in all, waiting BACKOFF_S, then twice that, between tries (on top of the Redis client's own retries).
+ATTEMPTS = 3
+BACKOFF_S = 1.0
+
+
+class OnlineStoreUnavailable(ServingError):
+    """The online store did not answer, try after try: trying again later may help."""
+
+    retryable = True
 
 
 # --- where things live and how Feast is configured ----------------------------------------------
@@ -241,6 +252,8 @@ def publish_set(
         # deleted after the next cut-over.
         with ThreadPoolExecutor(1) as pool:
             building = pool.submit(_build_index, layout, serving, slot, table["user_id"], vectors) if rebuild else None
+            if reused and not _still_holds(store, layout, slot, table):
+                reused = False  # e.g. the online store was emptied or replaced since: write it again
             if not reused:
                 _wait_until_retired(pointer, serving.retire_grace_s)
                 _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
@@ -270,6 +283,7 @@ def publish_set(
         # The cut-over: the stable feature service (one registry write), then the pointer (one
         # atomic rename); if the pointer cannot be written, the service goes back.
         _point_service(store, layout, slot)
+        fault_point("publish.cut_over")  # a test seam (faults.py); nothing when unset
         new_pointer["cut_over_at"] = datetime.now(UTC).isoformat()  # when the old slot stopped being live
         try:
             write_json_atomic(layout.pointer, new_pointer)
@@ -293,6 +307,46 @@ def publish_set(
     }
 
 
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable online store raises (Redis' own errors do not derive from the builtins')."""
+    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    with contextlib.suppress(ImportError):
+        import redis
+
+        errors += (redis.ConnectionError, redis.TimeoutError)
+    return errors
+
+
+def unreachable(store, exc: BaseException) -> str:
+    """`the online store <which> is unreachable (<why>)`, no credentials."""
+    why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return f"the online store {_store_identity(store.config)} is unreachable ({why})"
+
+
+def _retrying(store, what: str, call: Callable[[], object], consequence: str):
+    """call(), tried ATTEMPTS times with a doubling wait while the online store does not answer;
+    then one OnlineStoreUnavailable saying what happened, what `consequence` it had and the fix."""
+    errors, started = connection_errors(), time.monotonic()
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return call()
+        except errors as exc:
+            if attempt == ATTEMPTS:
+                raise OnlineStoreUnavailable(
+                    f"{unreachable(store, exc)} while {what}, {ATTEMPTS} tries over "
+                    f"{time.monotonic() - started:.0f} s: {consequence}; start it (or fix serving.redis_url / "
+                    f"${REDIS_URL_ENV}) and run the same command again"
+                ) from None
+            wait = BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s while %s: try %d of %d in %.1f s", unreachable(store, exc), what, attempt + 1,
+                        ATTEMPTS, wait)  # fmt: skip
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+UNCHANGED = "nothing was cut over, the served version is unchanged"
+
+
 def _check_views(store, layout: Layout) -> None:
     """Both slots' views are defined (a project's feature_repo/ may predate a feature set)."""
     defined = {view.name for view in store.list_feature_views()}
@@ -301,6 +355,20 @@ def _check_views(store, layout: Layout) -> None:
             f"{layout.repo}: no Feast feature view {' or '.join(missing)}: its definitions predate "
             f"{layout.features.name}; copy feature_repo/definitions.py from this version of userlens"
         )
+
+
+def _still_holds(store, layout: Layout, slot: str, table: pa.Table) -> bool:
+    """Whether the online store still holds the slot rows `table` (a sample, as verify_slot reads)."""
+    import sqlite3
+
+    try:
+        verify_slot(store, layout, slot, table)
+    except OnlineStoreUnavailable:
+        raise
+    except (ServingError, sqlite3.OperationalError) as exc:  # wrong rows; no table (a new, empty database)
+        log.warning("the online store does not hold what slot %s should (%s): writing it again", slot, exc)
+        return False
+    return True
 
 
 def _point_service(store, layout: Layout, slot: str) -> None:
@@ -349,6 +417,7 @@ def _summary(pointer: dict) -> dict:
 
 def _chunk_written(slot: str, written: int, total: int) -> None:
     """Called after each chunk a publish writes: the seam where tests inject a failure half-way."""
+    fault_point("publish.chunk")  # a test seam (faults.py); nothing when unset
 
 
 def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime, progress: bool, chunk: int) -> None:
@@ -369,11 +438,14 @@ def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime,
     write_parquet_atomic(path, table)
     view = store.get_feature_view(layout.view(slot))
     online = table_for(store, view)
+    if (order := online.write_order(table["user_id"])) is not None:
+        table = table.take(order)
     total = table.num_rows
     with tqdm(total=total, desc=f"materialize {view.name}", unit="user", disable=not progress) as bar:
         for start in range(0, total, chunk):
             part = table.slice(start, chunk)
-            online.write(encoded_columns(view, part, layout.features), at)
+            rows = encoded_columns(view, part, layout.features)
+            _retrying(store, f"writing slot {slot}", lambda rows=rows: online.write(rows, at), UNCHANGED)
             bar.update(part.num_rows)
             _chunk_written(slot, start + part.num_rows, total)
     store.registry.apply_materialization(view, store.project, at - timedelta(seconds=1), at + timedelta(seconds=1))
@@ -390,7 +462,9 @@ def verify_slot(store, layout: Layout, slot: str, table: pa.Table, sample: int =
     ids = table["user_id"].take(rows).to_pylist()
     expected = list_vectors(table[vector].take(rows))
     version = table[version_column][0].as_py()
-    got = _read_online(store, layout.view(slot), ids, (vector, version_column))
+    features = (vector, version_column)
+    got = _retrying(store, f"reading slot {slot} back", lambda: _read_online(store, layout.view(slot), ids, features),
+                    UNCHANGED)  # fmt: skip
     bad = [
         uid
         for i, uid in enumerate(ids)
@@ -463,9 +537,8 @@ def refresh_set(
         store = open_store(layout, serving)
         # Changed rows must fall inside the window materialize_incremental reads: [last end, now].
         since = store.get_feature_view(layout.view(slot)).most_recent_end_time
-        now = datetime.now(UTC)
-        if since is not None:
-            now = max(now, since if since.tzinfo else since.replace(tzinfo=UTC))
+        since = since if since is None or since.tzinfo else since.replace(tzinfo=UTC)
+        now = datetime.now(UTC) if since is None else max(datetime.now(UTC), since)
         new = pl.from_arrow(make_table(version, now))
         old = pl.read_parquet(layout.slot_parquet(slot))
         columns = [features.vector, *features.scalars]
@@ -473,14 +546,29 @@ def refresh_set(
         differs = pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_old")) for c in columns])
         changed = joined.filter(differs).select(new.columns)
         merged = pl.concat([old.join(changed, on="user_id", how="anti"), changed])
-        if changed.height:
-            merged_table = merged.to_arrow().cast(features.schema)
-            write_parquet_atomic(layout.slot_parquet(slot), merged_table)
+        merged_table = merged.to_arrow().cast(features.schema)
+        # Rows of the slot Parquet newer than the last materialisation: a refresh that wrote the
+        # Parquet and then failed (or was killed) before the online write; written now.
+        pending = since is not None and old.height > 0 and old["event_timestamp"].max() >= since
+        # An online store that lost the served rows (emptied, a new sqlite file): the whole slot again.
+        lost = not _still_holds(store, layout, slot, old.to_arrow())
+        if lost:
+            apply_definitions(store, layout)  # the tables of a new, empty database
+            _write_slot(store, layout, slot, merged_table, now, progress, 10_000)
+            verify_slot(store, layout, slot, merged_table)
+        elif changed.height or pending:
+            if changed.height:
+                write_parquet_atomic(layout.slot_parquet(slot), merged_table)
+                fault_point("refresh.written")  # a test seam (faults.py); nothing when unset
             output = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
             with output:  # materialize_incremental prints its progress
-                store.materialize_incremental(end_date=now + timedelta(seconds=1), feature_views=[layout.view(slot)])
+                _retrying(store, f"refreshing slot {slot}", lambda: store.materialize_incremental(
+                    end_date=now + timedelta(seconds=1), feature_views=[layout.view(slot)]),
+                    "the served slot holds some of the changed users; the next refresh writes the rest")  # fmt: skip
+        if lost or changed.height or pending:
             pointer.update(users=merged.height, refreshed_at=utc_now())
-            record = {**read_json(layout.slot_record(slot)), "users": merged.height}
+            record = {"model_version": version, "users": merged.height, "store": _store_identity(store.config),
+                      **({"index": pointer.get("index")} if features.indexed else {})}  # fmt: skip
             if features.indexed:  # rebuilt whole: seconds at 1M users, and never a stale neighbour
                 pointer["index"] = record["index"] = _build_index(
                     layout, serving, slot, merged_table["user_id"], list_vectors(merged_table[features.vector])

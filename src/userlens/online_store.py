@@ -19,6 +19,9 @@ import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from userlens.feast_values import EncodedRows, entity_keys, online_rows, serialized_keys
 
 SQLITE_KEYS = 10_000  # keys per SELECT (sqlite caps the parameters of one statement)
@@ -50,6 +53,10 @@ class FeastTable:
     def keys(self, user_ids: Sequence[str]) -> list[bytes]:
         return serialized_keys(user_ids, self.config.entity_key_serialization_version)
 
+    def write_order(self, user_ids: pa.ChunkedArray) -> pa.Array | None:
+        """The order in which to write users (positions in `user_ids`); None: as they come."""
+        return None
+
     def write(self, rows: EncodedRows, at: datetime) -> None:
         """Each user's row (every feature of the view), stamped `at`."""
         self.online.online_write_batch(self.config, self.view, online_rows(rows, at), None)
@@ -72,9 +79,22 @@ class SqliteTable(FeastTable):
         self.table = _quote_id(_table_id(self.config.project, view,
                                          self.config.registry.enable_online_feature_view_versioning))  # fmt: skip
 
+    def write_order(self, user_ids: pa.ChunkedArray) -> pa.Array | None:
+        """Users in about the order of their stored keys (the id's byte length, then its bytes),
+        so each B-tree insert lands beside the last one: ids in export order write several times
+        slower (BENCHMARKS.md, publish). Any order stores the same rows. None: already in order."""
+        ids = user_ids.cast(pa.binary())
+        order = pc.sort_indices(pa.table({"length": pc.binary_length(ids), "id": ids}),
+                                sort_keys=[("length", "ascending"), ("id", "ascending")])  # fmt: skip
+        in_place = pc.all(pc.equal(order, pa.array(range(len(order)), order.type))).as_py()
+        return None if in_place or len(order) == 0 else order
+
     def write(self, rows: EncodedRows, at: datetime) -> None:
         """Feast's upsert (its columns: value_text as Feast derives it, no created_ts), one executemany."""
-        stamp = at.astimezone(UTC).replace(tzinfo=None)  # Feast stores naive UTC (to_naive_utc)
+        from feast.infra.online_stores.sqlite import adapt_datetime_epoch
+
+        # Feast stores naive UTC (to_naive_utc) through its registered sqlite adapter; applied once here
+        stamp = adapt_datetime_epoch(at.astimezone(UTC).replace(tzinfo=None))
         sql = (f"INSERT INTO {self.table} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
                "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "

@@ -19,6 +19,7 @@ similar) because everything in it is a file that DVC, `ls` and serving code can 
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Any
 import yaml
 
 from userlens.errors import UserlensError
-from userlens.io import atomic_dir, read_json, utc_now, write_json_atomic, write_text_atomic
+from userlens.faults import fault_point
+from userlens.io import atomic_dir, atomic_file, read_json, utc_now, write_json_atomic, write_text_atomic
 from userlens.locking import file_lock
 
 CHECKPOINT = "encoder.pt"
@@ -61,7 +63,7 @@ class ModelVersion:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return read_json(self.path / METRICS)
+        return _read_json(self.path / METRICS)
 
     @property
     def created_at(self) -> str:
@@ -74,9 +76,7 @@ class ModelVersion:
 
     def load_weights(self) -> dict:
         """The encoder's state dict; weights_only: loading a model file never runs code."""
-        import torch
-
-        return torch.load(self.checkpoint, map_location="cpu", weights_only=True)["model"]
+        return load_checkpoint(self.checkpoint, "restore data/registry/ from a backup")["model"]
 
 
 class Registry:
@@ -120,6 +120,7 @@ class Registry:
                 return existing
             with atomic_dir(self._versions_dir / version) as staging:
                 shutil.copyfile(checkpoint, staging / CHECKPOINT)
+                fault_point("registry.register")  # a test seam (faults.py); nothing when unset
                 shutil.copyfile(embeddings, staging / EMBEDDINGS)
                 for name, source in (files or {}).items():
                     shutil.copyfile(source, staging / name)
@@ -158,12 +159,12 @@ class Registry:
         path = self._versions_dir / version
         if not (path / MANIFEST).exists():  # the manifest is written last: no manifest, no version
             return None
-        return ModelVersion(version, path, read_json(path / MANIFEST))
+        return ModelVersion(version, path, _read_json(path / MANIFEST))
 
     # --- the production alias ------------------------------------------------------------------
 
     def history(self) -> list[dict[str, Any]]:
-        return read_json(self._alias)["history"] if self._alias.exists() else []
+        return _read_json(self._alias)["history"] if self._alias.exists() else []
 
     def production(self) -> ModelVersion | None:
         history = self.history()
@@ -183,9 +184,10 @@ class Registry:
             entry = {"version": version, "previous": current, "promoted_at": utc_now(), "reason": reason}
             entry["forced"] = forced
             history.append(entry)
-            write_json_atomic(
-                self._alias, {"version": version, "promoted_at": entry["promoted_at"], "history": history}
-            )
+            alias = {"version": version, "promoted_at": entry["promoted_at"], "history": history}
+            with atomic_file(self._alias) as tmp:
+                tmp.write_text(json.dumps(alias, indent=2, sort_keys=True, default=str) + "\n")  # as write_json_atomic
+                fault_point("registry.alias")  # a test seam (faults.py); nothing when unset
         return target
 
     def rollback(self) -> ModelVersion:
@@ -203,18 +205,44 @@ def _check_name(version: str) -> None:
 
 def _check_checkpoint(path: Path) -> None:
     """Refuse a checkpoint that needs code to load (pickled objects): only tensors and plain data."""
+    if not Path(path).exists():
+        raise RegistryError(f"no checkpoint at {path}: run `userlens pretrain` first")
+    load_checkpoint(path, "rerun `userlens pretrain`")
+
+
+def load_checkpoint(path: Path, fix: str) -> dict:
+    """torch.load(weights_only=True): a file whose unpickling would run code is refused, never run."""
     import pickle
 
     import torch
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RegistryError(f"no checkpoint at {path}: run `userlens pretrain` first") from None
     except pickle.UnpicklingError as exc:
-        raise RegistryError(f"{path} does not load with weights_only=True (it holds code): {exc}") from None
+        first = str(exc).strip().splitlines()[0]
+        raise RegistryError(f"{path} does not load with weights_only=True (it holds code, refused): {first}") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegistryError(f"{path} is not a readable checkpoint (damaged or truncated: {first}): {fix}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise RegistryError(f"{path} is not an encoder checkpoint ({{'model': state_dict}})")
+    return saved
+
+
+def _read_json(path: Path) -> Any:
+    """A registry file; a damaged one (truncated, not JSON) is named with the fix, not a traceback."""
+    try:
+        return read_json(path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise RegistryError(
+            f"{path} is damaged (not valid JSON: {exc}): restore it from a backup of data/registry/"
+            + (
+                ", or remove it and run `userlens promote VERSION --force` with the served version "
+                "(`userlens lookup USER_ID` names it; the online store still serves it)"
+                if path.name == "production.json"
+                else ""
+            )
+        ) from None
 
 
 def _check_embeddings(path: Path, version: str) -> None:

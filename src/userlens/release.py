@@ -159,10 +159,9 @@ def rollback(project: Project, params: Params, progress: bool = False) -> dict:
 def candidate_encoder(project: Project, params: Params):
     """The trained Barlow Twins candidate (data/models/barlow_twins/encoder.pt), ready to embed
     the current data/sequences: (encoder, its item vocabulary, max_length)."""
-    import torch
-
     from userlens.data import SequenceData
     from userlens.model import UserEncoder
+    from userlens.registry import load_checkpoint
     from userlens.train import ENCODER
 
     path = project.model_dir(REFERENCE) / ENCODER
@@ -170,7 +169,7 @@ def candidate_encoder(project: Project, params: Params):
         raise UserlensError(f"{project.relative(path)} not found: run `userlens pretrain` first")
     data = SequenceData.load(project.sequences_dir, params.sequences.max_length)
     encoder = UserEncoder.for_data(params.model, data)
-    encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    encoder.load_state_dict(load_checkpoint(path, "rerun `userlens pretrain`")["model"])  # weights_only
     return encoder.eval(), data.item_ids, params.sequences.max_length
 
 

@@ -22,9 +22,11 @@ from userlens.feature_store import (
     REDIS_URL_ENV,
     REGISTRY_TTL_S,
     Layout,
+    connection_errors,
     online_store_settings,
     open_store,
     repo_config,
+    unreachable,
 )
 from userlens.io import read_json
 from userlens.project import Project
@@ -109,8 +111,18 @@ class UserEmbeddings:
         """One bulk read of the served slot's stored bytes (online_store.py, Feast's format)."""
         if not ids:
             return np.empty((0, pointer["dim"]), np.float32), np.zeros(0, bool)
+        import sqlite3
+
         vector, tag = self.layout.features.vector, self.layout.features.version
-        stored = self._table(pointer["slot"]).read(ids, [vector, tag])
+        try:
+            stored = self._table(pointer["slot"]).read(ids, [vector, tag])
+        except connection_errors() as exc:
+            raise ServingError(f"{unreachable(self.store, exc)}: start it, or point serving.redis_url / "
+                               f"${REDIS_URL_ENV} at it") from None  # fmt: skip
+        except sqlite3.OperationalError as exc:  # e.g. no such table: the database file was replaced
+            raise ServingError(f"the online store cannot read slot {pointer['slot']} ({exc}): it was replaced or "
+                               f"damaged; `{self.layout.features.publish_command}` publishes the served version "
+                               "again") from None  # fmt: skip
         version, dim = pointer["model_version"], pointer["dim"]
         expected = string_value(version)
         found = np.fromiter((t == expected for t in stored[tag]), bool, len(ids))
@@ -125,6 +137,14 @@ class UserEmbeddings:
         from userlens.online_store import table_for
 
         if slot not in self._tables:
+            config = self.store.config
+            if config.online_store.type == "sqlite":  # Feast's connection would create an empty file
+                path = Path(config.repo_path or ".") / config.online_store.path
+                if not path.exists():
+                    raise ServingError(
+                        f"the online store {path.resolve()} is missing (deleted or moved): "
+                        f"`{self.layout.features.publish_command}` publishes the served version again"
+                    )
             self._tables[slot] = table_for(self.store, self.store.get_feature_view(self.layout.view(slot)))
         return self._tables[slot]
 

@@ -163,8 +163,12 @@ def fit(
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(params.steps, params.warmup_fraction))
     state = {"step": 0, "best_step": 0, "best_score": -math.inf, "bad_rounds": 0, "history": []}
-    if (out_dir / CHECKPOINT).exists():
-        state = _load_checkpoint(out_dir / CHECKPOINT, model, optimizer, schedule)
+    saved = _read_checkpoint(out_dir, desc)
+    distributed.barrier()  # every process has read it before rank 0 sets an unreadable one aside
+    if saved is None and main:
+        _set_aside_unreadable(out_dir)
+    if saved:
+        state = _apply_checkpoint(saved, model, optimizer, schedule)
         log.info("%s: resuming after step %d", desc, state["step"])
     if state["step"] == 0:
         torch.manual_seed(params.seed)  # dropout's RNG; later rounds restore it from the checkpoint
@@ -269,8 +273,44 @@ def _checkpoint(state: dict, model, optimizer, schedule) -> dict:
     }
 
 
-def _load_checkpoint(path: Path, model, optimizer, schedule) -> dict:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+CHECKPOINT_KEYS = ("step", "best_step", "best_score", "bad_rounds", "history", "model", "optimizer", "schedule",
+                   "torch_rng", "cuda_rng")  # fmt: skip
+
+
+def _read_checkpoint(out_dir: Path, desc: str) -> dict | None:
+    """The checkpoint to resume from: {} when there is none, None when it cannot be used.
+
+    A checkpoint (or the best.pt beside it) that does not load with weights_only=True (damaged,
+    truncated, or holding code, which is never run) is not resumed: training starts again from
+    step 0, the safe restart. The run is seeded by (seed, step), so it ends where an
+    uninterrupted run ends, only later; fit sets the unreadable files aside as
+    <name>.unreadable."""
+    import pickle
+
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        return {}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if (out_dir / BEST).exists():
+            torch.load(out_dir / BEST, map_location="cpu", weights_only=True)["model"]
+        if not isinstance(saved, dict) or (missing := [k for k in CHECKPOINT_KEYS if k not in saved]):
+            raise ValueError(f"not a training checkpoint (missing {missing if isinstance(saved, dict) else 'all'})")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        log.warning("%s: %s is unreadable (%s): training again from step 0, the unreadable files set aside as "
+                    "*.unreadable", desc, path, first)  # fmt: skip
+        return None
+    return saved
+
+
+def _set_aside_unreadable(out_dir: Path) -> None:
+    for name in (CHECKPOINT, BEST):
+        if (out_dir / name).exists():
+            (out_dir / name).replace(out_dir / f"{name}.unreadable")
+
+
+def _apply_checkpoint(saved: dict, model, optimizer, schedule) -> dict:
     model.load_state_dict(saved.pop("model"))
     optimizer.load_state_dict(saved.pop("optimizer"))
     schedule.load_state_dict(saved.pop("schedule"))
