@@ -65,3 +65,16 @@ def userlens(*args: str) -> None:
     done = subprocess.run([sys.executable, "-m", "userlens", *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"userlens {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+
+
+def synthetic_sequences(project: Path, users: int, settings: list[str]) -> None:
+    """data/sequences of `users` synthetic users in a scratch project (the real data stages, as a
+    person runs them); kept when the project already holds that many. `settings`: --set KEY=VALUE."""
+    marker = project / "data/sequences/manifest.json"
+    if marker.exists() and json.loads(marker.read_text())["n_users"] == users:
+        return
+    scratch_project(project)
+    sets = [f"data.synthetic.n_users={users}", *settings, "dvc.push=false"]
+    base = ["--project", str(project), "--dataset", f"synthetic-{users}"] + [a for s in sets for a in ("--set", s)]
+    for verb in (["fetch", "--no-progress"], ["ingest"], ["validate"], ["sequences"]):
+        userlens(*base, *verb)

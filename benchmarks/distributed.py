@@ -28,18 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, scratch_project, userlens  # noqa: E402
-
-
-def prepare(project: Path, users: int) -> None:
-    marker = project / "data/sequences/manifest.json"
-    if marker.exists() and json.loads(marker.read_text())["n_users"] == users:
-        return
-    scratch_project(project)
-    sets = [f"data.synthetic.n_users={users}", "data.synthetic.n_items=5000", "dvc.push=false"]
-    base = ["--project", str(project), "--dataset", f"synthetic-{users}"] + [a for s in sets for a in ("--set", s)]
-    for verb in (["fetch", "--no-progress"], ["ingest"], ["validate"], ["sequences"]):
-        userlens(*base, *verb)
+from common import OUT, machine, synthetic_sequences  # noqa: E402
 
 
 def pretrain(template: Path, work: Path, settings: dict) -> dict:
@@ -109,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     template = OUT / "distributed-project"
-    prepare(template, args.users)
+    synthetic_sequences(template, args.users, ["data.synthetic.n_items=5000"])
     result = {"machine": machine(), "users": args.users, "steps": args.steps, "batch_size": args.batch}
     if args.cuda:
         result["cuda"] = cuda_largest_batch(template, args)

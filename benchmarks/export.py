@@ -21,19 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, emit, machine, run_worker, scratch_project, userlens  # noqa: E402
-
-
-def prepare(project: Path, users: int) -> None:
-    marker = project / "data/sequences/manifest.json"
-    if marker.exists() and json.loads(marker.read_text())["n_users"] == users:
-        return
-    scratch_project(project)
-    sets = [f"data.synthetic.n_users={users}", "data.synthetic.n_items=20000", "data.synthetic.mean_events_per_user=10",
-            "dvc.push=false"]  # fmt: skip
-    base = ["--project", str(project), "--dataset", f"synthetic-{users}"] + [a for s in sets for a in ("--set", s)]
-    for verb in (["fetch", "--no-progress"], ["ingest"], ["validate"], ["sequences"]):
-        userlens(*base, *verb)
+from common import OUT, emit, machine, run_worker, synthetic_sequences  # noqa: E402
 
 
 def worker(project: Path, by_length: bool) -> None:
@@ -83,7 +71,7 @@ def main() -> None:
         return
     project = OUT / "export-project"
     print(f"preparing {args.users:,} synthetic users ...", file=sys.stderr)
-    prepare(project, args.users)
+    synthetic_sequences(project, args.users, ["data.synthetic.n_items=20000", "data.synthetic.mean_events_per_user=10"])
     results = {}
     for mode in ("mixed", "sorted"):
         print(f"export, batches {mode} ...", file=sys.stderr)
