@@ -34,7 +34,9 @@ ABSENT = -30.0  # head bias of a class with no labelled user: never predicted
 
 def load_encoder(model_dir: Path, model: ModelParams, data: SequenceData) -> dict[str, torch.Tensor]:
     """The weights of a trained encoder (<model_dir>/encoder.pt, written with its embeddings export)."""
-    weights = torch.load(Path(model_dir) / ENCODER, map_location="cpu", weights_only=True)["model"]
+    from userlens.registry import load_checkpoint  # weights_only; a damaged or code-carrying file: one clear error
+
+    weights = load_checkpoint(Path(model_dir) / ENCODER, "rerun `userlens pretrain`")["model"]
     UserEncoder.for_data(model, data).load_state_dict(weights)  # fails loudly on a mismatched checkpoint
     return weights
 
