@@ -162,7 +162,12 @@ def _store_identity(config) -> str:
     online = config.online_store
     if online.type == "redis":
         return "redis:" + ",".join(p for p in online.connection_string.split(",") if not p.startswith("password="))
-    return f"sqlite:{(config.repo_path / online.path).resolve()}"
+    return f"sqlite:{sqlite_path(config).resolve()}"
+
+
+def sqlite_path(config) -> Path:
+    """The sqlite online store's database file."""
+    return Path(config.repo_path or ".") / config.online_store.path
 
 
 def open_store(layout: Layout, serving: ServingParams):

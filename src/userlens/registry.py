@@ -221,7 +221,7 @@ def load_checkpoint(path: Path, fix: str) -> dict:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0]
         raise RegistryError(f"{path} does not load with weights_only=True (it holds code, refused): {first}") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as exc:  # what damaged bytes raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RegistryError(f"{path} is not a readable checkpoint (damaged or truncated: {first}): {fix}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):

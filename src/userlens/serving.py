@@ -26,6 +26,7 @@ from userlens.feature_store import (
     online_store_settings,
     open_store,
     repo_config,
+    sqlite_path,
     unreachable,
 )
 from userlens.io import read_json
@@ -139,7 +140,7 @@ class UserEmbeddings:
         if slot not in self._tables:
             config = self.store.config
             if config.online_store.type == "sqlite":  # Feast's connection would create an empty file
-                path = Path(config.repo_path or ".") / config.online_store.path
+                path = sqlite_path(config)
                 if not path.exists():
                     raise ServingError(
                         f"the online store {path.resolve()} is missing (deleted or moved): "

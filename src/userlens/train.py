@@ -285,21 +285,20 @@ def _read_checkpoint(out_dir: Path, desc: str) -> dict | None:
     step 0, the safe restart. The run is seeded by (seed, step), so it ends where an
     uninterrupted run ends, only later; fit sets the unreadable files aside as
     <name>.unreadable."""
-    import pickle
+    from userlens.registry import RegistryError, load_checkpoint  # the one weights_only loader
 
     path = out_dir / CHECKPOINT
     if not path.exists():
         return {}
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(path, "set aside")
         if (out_dir / BEST).exists():
-            torch.load(out_dir / BEST, map_location="cpu", weights_only=True)["model"]
-        if not isinstance(saved, dict) or (missing := [k for k in CHECKPOINT_KEYS if k not in saved]):
-            raise ValueError(f"not a training checkpoint (missing {missing if isinstance(saved, dict) else 'all'})")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            load_checkpoint(out_dir / BEST, "set aside")
+        if missing := [k for k in CHECKPOINT_KEYS if k not in saved]:
+            raise RegistryError(f"not a training checkpoint (missing {missing})")
+    except RegistryError as exc:
         log.warning("%s: %s is unreadable (%s): training again from step 0, the unreadable files set aside as "
-                    "*.unreadable", desc, path, first)  # fmt: skip
+                    "*.unreadable", desc, path, str(exc).splitlines()[0])  # fmt: skip
         return None
     return saved
 
