@@ -173,7 +173,7 @@ def sqlite_write_order(store, project, params, slot: str) -> dict:
     other = feature_store.SLOTS[1 - feature_store.SLOTS.index(slot)]
 
     class PlainInsert(SqliteTable):  # what an emptied slot table would allow: no conflict clause
-        VALUES = "VALUES (?, ?, ?, ?, ?, ?)"
+        UPSERT = ""
 
     view = store.get_feature_view(f"user_embeddings_{other}")
     at, out = datetime.now(UTC), {}
