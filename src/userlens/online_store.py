@@ -99,7 +99,7 @@ class SqliteTable(FeastTable):
         """Feast's rows (value_text as Feast derives it, no created_ts) upserted in one statement.
 
         Python's sqlite3 binds parameters one at a time, about 1 us each: 6 per row, 4 rows per
-        user, twice what sqlite's own insert takes (BENCHMARKS.md, publish). So the chunk goes in
+        user, several times what sqlite's own insert of the same rows takes. So the chunk goes in
         as two parameters, every piece's bytes end to end and a fixed-width table of where each
         piece starts and how long it is, and sqlite cuts the rows out itself (`_bulk_insert`)."""
         from feast.infra.online_stores.sqlite import adapt_datetime_epoch
