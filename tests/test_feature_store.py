@@ -241,12 +241,21 @@ def test_the_bulk_writer_stores_what_feasts_own_writer_stores(store_project):
 
 
 def test_the_bulk_writer_upserts_as_feasts_own_writer_does(store_project):
-    """Unusual ids and texts, then new rows over some of them: the same rows as Feast's writer leaves."""
+    """Unusual ids and texts, then new rows over some of them: the same rows as Feast's writer leaves.
+
+    The chunks hold every kind of column the sqlite writer packs apart (online_store._packed):
+    one value for all rows, bytes of one length (vectors; the last chunk's keys and texts), and
+    the rest (varied keys, nulls, texts of several lengths, non-ASCII, quotes, NUL)."""
     from dataclasses import replace
 
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
     from userlens.online_store import FeastTable, table_for
+
+    def with_versions(rows, texts: list[str]):
+        values = [ValueProto(string_val=t).SerializeToString() for t in texts]
+        return replace(rows, values={**rows.values, "model_version": values},
+                       texts={**rows.texts, "model_version": texts})  # fmt: skip
 
     at = datetime(2024, 5, 1, 12, tzinfo=UTC)
     table, store = slot_with_nulls(store_project, at)
@@ -254,12 +263,17 @@ def test_the_bulk_writer_upserts_as_feasts_own_writer_does(store_project):
     first = encoded_columns(view, table, feature_sets.EMBEDDINGS)
     first = replace(first, user_ids=["", "ünïcødé-ユーザー", "x" * 300, "a'b", "user-4"])
     later = datetime(2024, 5, 2, tzinfo=UTC)
-    version = ValueProto(string_val="v2-ü ' \x00").SerializeToString()
     second = replace(first, user_ids=["x" * 300, "new", ""],
                      values={name: column[2:0:-1] + column[:1] for name, column in first.values.items()},
                      texts={name: column[2:0:-1] + column[:1] for name, column in first.texts.items()})  # fmt: skip
-    second.values["model_version"] = [version] * 3
-    second.texts["model_version"] = ["v2-ü ' \x00"] * 3
+    second = with_versions(second, ["ユーザー-v2", "v2-ü ' \x00", "v2-ü ' \x00"])
+    third = replace(first, user_ids=["p1", "p2", "p3"], values={n: c[:3] for n, c in first.values.items()},
+                    texts={n: c[:3] for n, c in first.texts.items()})  # fmt: skip
+    third = with_versions(third, ["ü-1", "ü-2", "ü-3"])
+    fourth = replace(third, user_ids=["e1", "e2"], values={n: c[:2] for n, c in third.values.items()},
+                     texts={n: c[:2] for n, c in third.texts.items()})  # fmt: skip
+    fourth = with_versions(fourth, ["", ""])
+    fourth.values["model_version"][1], fourth.texts["model_version"][1] = b"", None  # texts: "" and NULL
     empty = replace(first, user_ids=[], values={n: [] for n in first.values}, texts={n: [] for n in first.texts})
     stored = []
     for writer in (FeastTable(store, view), table_for(store, view)):
@@ -269,14 +283,17 @@ def test_the_bulk_writer_upserts_as_feasts_own_writer_does(store_project):
             store._get_provider().online_store._get_client(store.config.online_store).flushdb()
         writer.write(first, at)
         writer.write(second, later)
+        writer.write(third, later)
+        writer.write(fourth, later)
         if type(writer) is not FeastTable:
             writer.write(empty, later)  # nothing to write: nothing changes
         stored.append(stored_rows(store, view))
     assert stored[1] == stored[0]
-    assert len(stored[0]) == (24 if store.config.online_store.type == "sqlite" else 6)
+    assert len(stored[0]) == (44 if store.config.online_store.type == "sqlite" else 11)
+    users = ["", "new", "user-4", "x" * 300, "p2", "e1"]
     got = store.get_online_features(features=[f"{view.name}:model_version"],
-                                    entity_rows=[{"user_id": u} for u in ["", "new", "user-4"]]).to_dict()  # fmt: skip
-    assert got["model_version"] == ["v2-ü ' \x00", "v2-ü ' \x00", "v1"]
+                                    entity_rows=[{"user_id": u} for u in users]).to_dict()  # fmt: skip
+    assert got["model_version"] == ["v2-ü ' \x00", "v2-ü ' \x00", "v1", "ユーザー-v2", "ü-2", ""]
 
 
 def test_sqlite_rows_are_written_in_the_order_of_their_stored_keys(sqlite_project):

@@ -81,3 +81,23 @@ def test_unreadable_index_is_a_clear_error_and_unlisted_files_go(tmp_path):
     )  # fmt: skip
     with pytest.raises(ServingError, match="cannot be read"):
         load(tmp_path, gone)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.95])
+def test_the_build_takes_the_fewest_probes_that_reach_the_target(target):
+    """One probe fewer than the build chose falls short on the same sampled users."""
+    import faiss
+
+    from userlens.vector_index import RECALL_QUERIES, _tune
+
+    _, vectors = seeded(6000)
+    unit = unit_rows(vectors)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, 77, faiss.METRIC_INNER_PRODUCT)
+    index.train(unit)
+    index.add(unit)
+    probes, measured = _tune(index, unit, 77, target, np.random.default_rng(3))
+    assert 1 < probes < 77 and measured >= target
+    queries = unit[np.sort(np.random.default_rng(3).choice(6000, size=RECALL_QUERIES, replace=False))]
+    exact, _ = faiss.knn(queries, unit, 11, metric=faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = probes - 1
+    assert recall_at(index.search(queries, 11)[0], exact) < target

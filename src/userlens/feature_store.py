@@ -237,8 +237,11 @@ def publish_set(
     layout.state.mkdir(parents=True, exist_ok=True)  # Feast creates the registry file, not its folder
     store = open_store(layout, serving)  # the first one imports Feast (seconds): not timed
     started = time.perf_counter()
+    stages: dict[str, float] = {}  # seconds per step of this publish, in the summary
     published_at = datetime.now(UTC).replace(microsecond=0)
-    table = make_table(published_at)
+    with _timed(stages, "slot_table"):
+        table = make_table(published_at)
+        vectors = list_vectors(table[features.vector])
     version = table[features.version][0].as_py()
     with _lock(layout):
         pointer = read_pointer(layout)
@@ -249,7 +252,6 @@ def publish_set(
         record = read_json(layout.slot_record(slot)) if layout.slot_record(slot).exists() else {}
         holds = {"model_version": version, "users": table.num_rows, "store": identity}
         reused = {key: record.get(key) for key in holds} == holds
-        vectors = list_vectors(table[features.vector])
         index = record.get("index") if reused else None
         rebuild = features.indexed and (index is None or not (layout.index_folder / index["file"]).exists())
         # The index builds beside the online write: faiss runs in C++ without the GIL while the
@@ -261,12 +263,12 @@ def publish_set(
                 reused = False  # e.g. the online store was emptied or replaced since: write it again
             if not reused:
                 _wait_until_retired(pointer, serving.retire_grace_s)
-                _write_slot(store, layout, slot, table, published_at, progress, chunk_users)
-            verify_slot(store, layout, slot, table)
-            waited = time.perf_counter()
-            if building is not None:
-                index = building.result()
-            index_wait = time.perf_counter() - waited
+                _write_slot(store, layout, slot, table, published_at, progress, chunk_users, stages)
+            with _timed(stages, "verify"):
+                verify_slot(store, layout, slot, table)
+            with _timed(stages, "index_wait"):
+                if building is not None:
+                    index = building.result()
         if features.indexed:
             holds["index"] = index
         write_json_atomic(layout.slot_record(slot), holds)
@@ -307,7 +309,10 @@ def publish_set(
         "seconds": round(seconds, 3),
         "users_per_s": round(table.num_rows / seconds, 1) if seconds else None,
         "index": index,  # the similar-users index (its build_s overlaps the online write)
-        "index_wait_s": round(index_wait, 3),  # of `seconds`: waiting for the index after the write
+        "index_wait_s": stages.get("index_wait", 0.0),  # of `seconds`: waiting for the index after the write
+        # of `seconds`: slot_table, slot_parquet, write_order, online_write, record_interval, verify,
+        # index_wait (the steps this publish ran); the rest is definitions, records and the cut-over
+        "stages_s": stages,
         "online_store": store.config.online_store.type,
     }
 
@@ -425,7 +430,17 @@ def _chunk_written(slot: str, written: int, total: int) -> None:
     fault_point("publish.chunk")  # a test seam (faults.py); nothing when unset
 
 
-def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime, progress: bool, chunk: int) -> None:
+@contextlib.contextmanager
+def _timed(stages: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = round(time.perf_counter() - start, 3)
+
+
+def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime, progress: bool, chunk: int,
+                stages: dict[str, float]) -> None:  # fmt: skip
     """Slot Parquet (the view's offline source) + online rows, in chunks, in Feast's storage format.
 
     Each chunk goes to the online store in bulk (online_store.py: Feast's own upsert on sqlite,
@@ -440,20 +455,24 @@ def _write_slot(store, layout: Layout, slot: str, table: pa.Table, at: datetime,
     layout.slot_record(slot).unlink(missing_ok=True)  # from here on the slot holds nothing trusted
     path = layout.slot_parquet(slot)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(path, table)
+    with _timed(stages, "slot_parquet"):
+        write_parquet_atomic(path, table)
     view = store.get_feature_view(layout.view(slot))
     online = table_for(store, view)
-    if (order := online.write_order(table["user_id"])) is not None:
-        table = table.take(order)
+    with _timed(stages, "write_order"):
+        if (order := online.write_order(table["user_id"])) is not None:
+            table = table.take(order)
     total = table.num_rows
-    with tqdm(total=total, desc=f"materialize {view.name}", unit="user", disable=not progress) as bar:
+    with _timed(stages, "online_write"), tqdm(total=total, desc=f"materialize {view.name}", unit="user",
+                                              disable=not progress) as bar:  # fmt: skip
         for start in range(0, total, chunk):
             part = table.slice(start, chunk)
             rows = encoded_columns(view, part, layout.features)
             _retrying(store, f"writing slot {slot}", lambda rows=rows: online.write(rows, at), UNCHANGED)
             bar.update(part.num_rows)
             _chunk_written(slot, start + part.num_rows, total)
-    store.registry.apply_materialization(view, store.project, at - timedelta(seconds=1), at + timedelta(seconds=1))
+    with _timed(stages, "record_interval"):
+        store.registry.apply_materialization(view, store.project, at - timedelta(seconds=1), at + timedelta(seconds=1))
 
 
 def verify_slot(store, layout: Layout, slot: str, table: pa.Table, sample: int = VERIFY_SAMPLE) -> None:
@@ -559,7 +578,7 @@ def refresh_set(
         lost = not _still_holds(store, layout, slot, old.to_arrow())
         if lost:
             apply_definitions(store, layout)  # the tables of a new, empty database
-            _write_slot(store, layout, slot, merged_table, now, progress, 10_000)
+            _write_slot(store, layout, slot, merged_table, now, progress, 10_000, {})
             verify_slot(store, layout, slot, merged_table)
         elif changed.height or pending:
             if changed.height:

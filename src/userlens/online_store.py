@@ -99,26 +99,20 @@ class SqliteTable(FeastTable):
         """Feast's rows (value_text as Feast derives it, no created_ts) upserted in one statement.
 
         Python's sqlite3 binds parameters one at a time, about 1 us each: 6 per row, 4 rows per
-        user, several times what sqlite's own insert of the same rows takes. So the chunk goes in
-        as two parameters, every piece's bytes end to end and a fixed-width table of where each
-        piece starts and how long it is, and sqlite cuts the rows out itself (`_bulk_insert`)."""
+        user, several times what sqlite's own insert of the same rows takes. So each column of
+        the chunk (the users' keys, each feature's values, each feature's texts) goes in as one
+        or two parameters (`_packed`) and sqlite cuts the rows out itself (`_bulk_insert`)."""
         from feast.infra.online_stores.sqlite import adapt_datetime_epoch
 
         # Feast stores naive UTC (to_naive_utc) through its registered sqlite adapter; applied once here
         stamp = adapt_datetime_epoch(at.astimezone(UTC).replace(tzinfo=None))
         names = tuple(rows.values)
-        texts = [rows.texts.get(name) or [None] * len(rows.user_ids) for name in names]
-        # per user: its key, each feature's value, each feature's text (None: stored as NULL)
-        columns = [self.keys(rows.user_ids), *(rows.values[name] for name in names),
-                   *([b"" if t is None else t.encode() for t in column] for column in texts)]  # fmt: skip
-        lengths = np.stack([np.fromiter(map(len, column), np.int64, len(column)) for column in columns], axis=1)
-        starts = np.cumsum(lengths, axis=None).reshape(lengths.shape) - lengths + 1  # sqlite counts from 1
-        for j, column in enumerate(texts, start=1 + len(names)):  # a text's length + 1; 0 for NULL
-            lengths[:, j] += np.fromiter((t is not None for t in column), bool, len(column))
-        pieces = b"".join(itertools.chain.from_iterable(zip(*columns, strict=True)))
-        table = _fixed_width(np.stack([starts, lengths], axis=2))
+        n = len(rows.user_ids)
+        texts = [rows.texts.get(name) or [None] * n for name in names]
+        columns = [_packed(column) for column in (self.keys(rows.user_ids), *(rows.values[n] for n in names), *texts)]
+        sql = _bulk_insert(self.table, names, tuple(kind for kind, _ in columns), self.UPSERT)
         with self.conn:
-            self.conn.execute(_bulk_insert(self.table, names, self.UPSERT), (pieces, table, len(rows.user_ids), stamp))
+            self.conn.execute(sql, [n, stamp, *itertools.chain.from_iterable(p for _, p in columns)])
 
     def read(self, user_ids: Sequence[str], features: Sequence[str]) -> dict[str, list[bytes | None]]:
         """Feast's select, restricted to the asked features, SQLITE_KEYS users per statement."""
@@ -135,41 +129,80 @@ class SqliteTable(FeastTable):
         return out
 
 
-DIGITS = 10  # each start and length in _bulk_insert's table: 10 decimal digits (a chunk < 10 GB)
+DIGITS = 10  # each start and length in a "cut" column's table: 10 decimal digits (a chunk < 10 GB)
 
 
-def _fixed_width(numbers: np.ndarray) -> bytes:
-    """Non-negative integers as DIGITS-wide zero-padded ASCII decimals, end to end."""
-    powers = 10 ** np.arange(DIGITS - 1, -1, -1, dtype=np.int64)
-    return ((numbers.reshape(-1, 1) // powers) % 10 + ord("0")).astype(np.uint8).tobytes()
+def _packed(pieces: Sequence[bytes | str | None]) -> tuple[str, list]:
+    """One column of a chunk (bytes, or texts: str | None) as `_bulk_insert`'s parameters, by kind:
+
+    - "same": every row holds one value (a chunk's model version; an unset text), bound once;
+    - "fixed": bytes of one length (vectors; keys of equal-length ids), end to end, and the length;
+    - "cut": the rest, end to end, and per row its (start, length + 1), 0 for NULL (`_fixed_width`).
+
+    The first two cost sqlite one substr() per row or none, the last three: what the statement
+    evaluates per row, more than the B-tree insert itself (BENCHMARKS.md, publish)."""
+    if len(pieces) == 0 or pieces.count(pieces[0]) == len(pieces):
+        return "same", [pieces[0] if pieces else None]
+    data = [p.encode() if isinstance(p, str) else (p or b"") for p in pieces]
+    lengths = np.fromiter(map(len, data), np.int64, len(data))
+    nulls = None in pieces
+    if not nulls and lengths.min() == lengths.max():
+        return "fixed", [b"".join(data), int(lengths[0])]
+    starts = np.cumsum(lengths) - lengths + 1  # sqlite counts from 1
+    stored = lengths + 1
+    if nulls:
+        stored[np.fromiter((p is None for p in pieces), bool, len(pieces))] = 0
+    # never an empty blob: sqlite's substr() of a zero-length blob is NULL, not an empty piece
+    return "cut", [b"".join(data) or b"\0", _fixed_width(np.stack([starts, stored], axis=1))]
 
 
 @functools.cache
-def _bulk_insert(table: str, features: tuple[str, ...], upsert: str) -> str:
-    """One INSERT of ?3 users' rows, in Feast's columns, from ?1 (the pieces' bytes) and ?2 (per
-    user, (start, length) of its key, its values, its texts: `_fixed_width`), stamped ?4.
+def _five_digits() -> np.ndarray:
+    """Row i: the ASCII bytes of i as five decimal digits, 00000 .. 99999."""
+    powers = 10 ** np.arange(4, -1, -1)
+    return ((np.arange(100_000)[:, None] // powers) % 10 + ord("0")).astype(np.uint8)
 
-    A recursive CTE counts the users; per user and feature (the feature's position f.j),
-    substr() on the blob cuts out the bytes and CAST(... AS INTEGER) reads a number of the
-    table. A text's stored length is its length + 1, 0 for NULL (substr with a NULL length is NULL)."""
-    n = 1 + 2 * len(features)  # pieces per user
 
-    def number(k: str) -> str:  # the k-th number of user u.i's row of ?2
-        return f"CAST(substr(?2, (u.i * {2 * n} + {k}) * {DIGITS} + 1, {DIGITS}) AS INTEGER)"
+def _fixed_width(numbers: np.ndarray) -> bytes:
+    """Non-negative integers below 10**DIGITS as DIGITS-wide zero-padded ASCII decimals, end to end."""
+    flat, digits = numbers.reshape(-1).astype(np.int64), _five_digits()
+    return np.concatenate([digits[flat // 100_000], digits[flat % 100_000]], axis=1).tobytes()
 
-    def piece(k: str) -> str:
-        return f"substr(?1, {number(f'2 * ({k})')}, {number(f'2 * ({k}) + 1')})"
+
+@functools.cache
+def _bulk_insert(table: str, features: tuple[str, ...], kinds: tuple[str, ...], upsert: str) -> str:
+    """One INSERT of ?1 users' rows in Feast's columns, stamped ?2, from the parameters after them:
+    per column (the users' keys, each feature's values, each feature's texts) those of `_packed`.
+
+    A recursive CTE counts the users (u.i); each is crossed with the features (f.j), and CASE
+    picks the feature's column, cut out of its parameters with substr()."""
+    assert len(kinds) == 1 + 2 * len(features)
+    expressions, at = [], 3
+    for c, kind in enumerate(kinds):
+        if kind == "same":
+            expression, at = f"?{at}", at + 1
+        elif kind == "fixed":
+            expression, at = f"substr(?{at}, u.i * ?{at + 1} + 1, ?{at + 1})", at + 2
+        else:
+
+            def number(k: int, table: int = at + 1) -> str:  # the k-th number of u.i's row
+                return f"CAST(substr(?{table}, (u.i * 2 + {k}) * {DIGITS} + 1, {DIGITS}) AS INTEGER)"
+
+            expression, at = f"substr(?{at}, {number(0)}, NULLIF({number(1)}, 0) - 1)", at + 2
+        texts = c > len(features)
+        expressions.append(f"CAST({expression} AS TEXT)" if texts and kind != "same" else expression)
+    key, values, texts = expressions[0], expressions[1 : 1 + len(features)], expressions[1 + len(features) :]
+
+    def per_feature(column: list[str]) -> str:
+        return "CASE f.j " + " ".join(f"WHEN {j} THEN {e}" for j, e in enumerate(column)) + " END"
 
     quoted = ("'" + name.replace("'", "''") + "'" for name in features)
     names = " UNION ALL ".join(f"SELECT {j}, {name}" for j, name in enumerate(quoted))
-    first_text = 1 + len(features)
-    text = (f"CAST(substr(?1, {number(f'2 * (f.j + {first_text})')}, "
-            f"NULLIF({number(f'2 * (f.j + {first_text}) + 1')}, 0) - 1) AS TEXT)")  # fmt: skip
     return (
-        f"WITH RECURSIVE u(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM u WHERE i + 1 < ?3), f(j, name) AS "
+        f"WITH RECURSIVE u(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM u WHERE i + 1 < ?1), f(j, name) AS "
         f"({names}) INSERT INTO {table} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
-        f"SELECT {piece('0')}, f.name, {piece('1 + f.j')}, {text}, ?4, NULL FROM u CROSS JOIN f "
-        f"WHERE ?3 > 0 {upsert}"
+        f"SELECT {key}, f.name, {per_feature(values)}, {per_feature(texts)}, ?2, NULL FROM u CROSS JOIN f "
+        f"WHERE ?1 > 0 {upsert}"
     )  # WHERE: how sqlite tells a SELECT's end from ON CONFLICT
 
 

@@ -4,8 +4,8 @@ Cosine similarity is the inner product of unit vectors, so the index holds the n
 vectors. Below `exact_below` users it is a flat (exact) index; above, an inverted-file index
 (IVF-Flat: k-means lists, each query scans the `probes` nearest lists). IVF rather than HNSW
 because it builds 1M x 64 vectors in seconds on 2 cores where HNSW takes minutes, and `probes`
-is a dial: each build raises it until recall@10 against the exact scan, measured on a seeded
-sample of the version's own users, reaches the target, and records what it measured.
+is a dial: each build sets it to the fewest lists whose recall@10 against the exact scan, on a
+seeded sample of the version's own users, reaches the target, and records what it measured.
 
 An index is two immutable files named by a fresh build id (`<set>-<slot>-<id>.faiss` and
 `.users.parquet`: row i of the index is user i), so a reader never sees one half-replaced; the
@@ -73,7 +73,13 @@ def build(
 
 
 def _tune(index, unit: np.ndarray, lists: int | None, target: float, rng) -> tuple[int | None, float]:
-    """The fewest probes (1, 2, 4, ... lists) whose recall@10 on sampled users reaches `target`."""
+    """The fewest probes whose recall@10 on sampled users reaches `target`, and that recall, measured.
+
+    An IVF-Flat search with p probes finds a true neighbour exactly when the neighbour's list is
+    among the query's p nearest lists, so one ranking of all lists per query predicts the recall
+    of every p at once (searching p = 1, 2, 4, ... took 12 of an 18 s build at 1M users). The
+    predicted p is then measured by a real search, doubled while that falls short (ties between
+    equally similar users are what the prediction cannot see)."""
     import faiss
 
     n = unit.shape[0]
@@ -83,8 +89,13 @@ def _tune(index, unit: np.ndarray, lists: int | None, target: float, rng) -> tup
         return 1, 1.0
     queries = unit[np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False))]
     k = min(RECALL_AT + 1, n)  # +1: the user itself comes back first
-    exact, _ = faiss.knn(queries, unit, k, metric=faiss.METRIC_INNER_PRODUCT)
-    probes = 1
+    exact, rows = faiss.knn(queries, unit, k, metric=faiss.METRIC_INNER_PRODUCT)
+    _, nearest_lists = index.quantizer.search(queries, lists)  # [query, every list, nearest first]
+    rank = np.empty_like(nearest_lists)
+    rank[np.arange(len(queries))[:, None], nearest_lists] = np.arange(lists)
+    _, home = index.quantizer.search(unit[rows[:, 1:].ravel()], 1)  # the list each neighbour was added to
+    needed = np.sort(np.take_along_axis(rank, home.reshape(len(queries), -1), axis=1).ravel()) + 1
+    probes = int(needed[min(max(math.ceil(target * len(needed)) - 1, 0), len(needed) - 1)])
     while True:
         index.nprobe = probes
         found, _ = index.search(queries, k)
