@@ -13,9 +13,15 @@ stored bytes only).
 
     python benchmarks/feature_store.py                                       # everything
     python benchmarks/feature_store.py --users 10000 --dims 64 --stores sqlite
+    python benchmarks/feature_store.py --users 1000000 \
+        --embeddings benchmarks/out/export-project/data/embeddings/barlow_twins.parquet
+
+With --embeddings, the first --users users of a real export (its ids, vectors and width) instead
+of standard-normal ones: the index then has the structure of a trained encoder's vectors.
 
 Redis: a redis-server the script starts on a free loopback port (no persistence).
-Writes benchmarks/out/feature_store.json and prints the Markdown tables for BENCHMARKS.md.
+Writes benchmarks/out/feature_store.json (feature_store-trained.json with --embeddings) and
+prints the Markdown tables for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -160,7 +166,9 @@ def http_reader(project, params, slot: str):
 
 def sqlite_write_order(store, project, params, slot: str) -> dict:
     """The served slot's rows written again into the other (empty) slot's table, in export order
-    and in the order of their stored keys (what publish does), in one run: users/s of each."""
+    and in the order of their stored keys (what publish does), in one run: users/s of each; and
+    sqlite's own floor for the same rows: copied by one INSERT ... SELECT (with Feast's upsert)
+    from a table that already holds them, nothing bound from Python, nothing cut out."""
     import pyarrow.parquet as pq
 
     from userlens import feature_store
@@ -188,8 +196,17 @@ def sqlite_write_order(store, project, params, slot: str) -> dict:
         for first in range(0, rows.num_rows, 10_000):  # publish's chunk size
             writer.write(encoded_columns(writer.view, rows.slice(first, 10_000), EMBEDDINGS), at)
         out[f"sqlite_write_{name.replace(' ', '_')}_users_per_s"] = round(rows.num_rows / (time.perf_counter() - start))
-    writer.conn.execute(f"DELETE FROM {writer.table}")
-    writer.conn.commit()
+    conn, table = writer.conn, writer.table
+    conn.execute("CREATE TEMP TABLE written AS SELECT * FROM " + table)
+    conn.execute(f"DELETE FROM {table}")
+    conn.commit()
+    start = time.perf_counter()
+    with conn:  # WHERE 1: not sqlite's transfer shortcut, which copies whole records without an upsert
+        conn.execute(f"INSERT INTO {table} SELECT * FROM written WHERE 1 {SqliteTable.UPSERT}")
+    out["sqlite_write_engine_floor_users_per_s"] = round(rows.num_rows / (time.perf_counter() - start))
+    conn.execute("DROP TABLE written")
+    conn.execute(f"DELETE FROM {table}")
+    conn.commit()
     return out
 
 
@@ -198,6 +215,7 @@ def worker(spec: str) -> None:
 
     from userlens import feature_store, serving
     from userlens.embeddings import export_embeddings
+    from userlens.io import list_vectors
     from userlens.project import Project
 
     cfg = json.loads(spec)
@@ -205,14 +223,24 @@ def worker(spec: str) -> None:
     project = Project(make_project(Path(cfg["root"]), cfg["store"], cfg.get("redis_url")))
     params = project.load_params()
     rng = np.random.default_rng(0)
-    ids = [f"user-{i:07d}" for i in rng.permutation(users)]  # an export's order is not its ids' order
     path = project.root / "export.parquet"
-    chunks = (rng.standard_normal((min(100_000, users - s), dim), dtype=np.float32) for s in range(0, users, 100_000))
+    if cfg.get("embeddings"):  # a real export's first users: its ids, its vectors
+        real = pq.read_table(cfg["embeddings"]).slice(0, users)
+        ids, dim = real["user_id"].to_pylist(), len(real["embedding"][0])
+        result_dim = {"dim": dim, "users": len(ids)}
+        chunks = (list_vectors(real["embedding"].slice(s, 100_000)) for s in range(0, len(ids), 100_000))
+    else:
+        ids = [f"user-{i:07d}" for i in rng.permutation(users)]  # an export's order is not its ids' order
+        result_dim = {}
+        chunks = (rng.standard_normal((min(100_000, users - s), dim), dtype=np.float32)
+                  for s in range(0, users, 100_000))  # fmt: skip
     export_embeddings(path, ids, chunks, "bench-v1", datetime.now(UTC))
+    users = len(ids)
 
     published = feature_store.publish(project, params, "bench-v1", path)
-    result = {**cfg, "publish_s": published["seconds"], "users_per_s": published["users_per_s"],
-              "index_build_s": published["index"]["build_s"], "index_wait_s": published["index_wait_s"]}  # fmt: skip
+    result = {**cfg, **result_dim, "publish_s": published["seconds"], "users_per_s": published["users_per_s"],
+              "index_build_s": published["index"]["build_s"], "index_wait_s": published["index_wait_s"],
+              "index_probes": published["index"]["probes"], "stages_s": published["stages_s"]}  # fmt: skip
     result.pop("redis_url", None)
     slot = published["slot"]
     store = feature_store.open_store(feature_store.Layout.of(project.root / params.serving.repo), params.serving)
@@ -274,58 +302,79 @@ def main() -> None:
     parser.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--stores", nargs="+", choices=["sqlite", "redis"], default=["sqlite", "redis"])
+    parser.add_argument("--embeddings", type=Path, help="publish a real export's first --users users (its ids "
+                        "and vectors; --dims is then its width) instead of standard-normal vectors")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
         return
+    if args.embeddings and not args.embeddings.exists():
+        raise SystemExit(f"{args.embeddings}: no such export")
+    vectors = "trained" if args.embeddings else "gaussian"
+    dims = [0] if args.embeddings else args.dims  # 0: the export's own width
     redis_proc, redis_url = start_redis() if "redis" in args.stores else (None, None)
     results = []
     try:
         for store in args.stores:
             for users in args.users:
-                for dim in args.dims:
+                for dim in dims:
                     print(f"{store}: {users:,} users x {dim} ...", file=sys.stderr)
                     if redis_proc is not None:
                         import redis
 
                         redis.Redis.from_url(redis_url).flushall()
                     spec = {"store": store, "users": users, "dim": dim, "redis_url": redis_url,
-                            "root": str(OUT / "feature-store-project")}  # fmt: skip
+                            "root": str(OUT / "feature-store-project"), "vectors": vectors,
+                            "embeddings": str(args.embeddings.resolve()) if args.embeddings else None}  # fmt: skip
                     results.append(run_worker(Path(__file__).resolve(), json.dumps(spec)))
     finally:
         if redis_proc is not None:
             redis_proc.kill()
         shutil.rmtree(OUT / "feature-store-project", ignore_errors=True)
     OUT.mkdir(exist_ok=True)
-    (OUT / "feature_store.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    name = "feature_store.json" if vectors == "gaussian" else f"feature_store-{vectors}.json"
+    (OUT / name).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
     print(f"Machine: {machine()}\n")
-    print("| store | users | dim | publish s | users/s | index build s (beside the write) | of which waiting for "
-          "the index s | users/s without that wait | write_to_online_store users/s | Feast materialize() users/s "
-          "| peak MiB |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| store | vectors | users | dim | publish s | users/s | index build s (beside the write) | of which "
+          "waiting for the index s | users/s without that wait | write_to_online_store users/s | Feast materialize() "
+          "users/s | peak MiB |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         write, feast = r.get("write_to_online_store_users_per_s"), r.get("feast_materialize_users_per_s")
-        print(f"| {r['store']} | {r['users']:,} | {r['dim']} | {r['publish_s']:.1f} | {r['users_per_s']:,.0f} | "
+        print(f"| {r['store']} | {r['vectors']} | {r['users']:,} | {r['dim']} | {r['publish_s']:.1f} | "
+              f"{r['users_per_s']:,.0f} | "
               f"{r['index_build_s']:.1f} | {r['index_wait_s']:.1f} | "
               f"{r['users'] / (r['publish_s'] - r['index_wait_s']):,.0f} | "
               f"{f'{write:,.0f}' if write else 'n/a'} | {f'{feast:,.0f}' if feast else 'n/a'} | "
               f"{r['peak_rss_mib']:,.0f} |")  # fmt: skip
+    steps = ["slot_table", "slot_parquet", "write_order", "online_write", "verify", "index_wait"]
+    print("\nPublish by step, s (the index builds beside slot_parquet .. verify; index_wait: after them):\n")
+    print("| store | vectors | users | " + " | ".join(steps) + " | rest | total | index build (probes) |")
+    print("|---|---|---:|" + "---:|" * (len(steps) + 3))
+    for r in results:
+        split = [r["stages_s"].get(step, 0.0) for step in steps]
+        print(f"| {r['store']} | {r['vectors']} | {r['users']:,} | " + " | ".join(f"{t:.1f}" for t in split)
+              + f" | {r['publish_s'] - sum(split):.1f} | {r['publish_s']:.1f} | "
+              f"{r['index_build_s']:.1f} ({r['index_probes']}) |")  # fmt: skip
     if ordered := [r for r in results if "sqlite_write_key_order_users_per_s" in r]:
         print("\nsqlite rows rewritten into an empty slot table, in one run (users/s):\n")
-        print("| users | dim | in export order | in stored-key order (publish) | ratio | key order, plain INSERT |\n"
-              "|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+        print("| vectors | users | dim | in export order | in stored-key order (publish) | ratio | key order, plain "
+              "INSERT | sqlite's floor (INSERT ... SELECT) | publish's writer / floor |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
         for r in ordered:
             slow, fast = r["sqlite_write_export_order_users_per_s"], r["sqlite_write_key_order_users_per_s"]
             plain = r["sqlite_write_key_order_plain_insert_users_per_s"]
-            print(f"| {r['users']:,} | {r['dim']} | {slow:,} | {fast:,} | {fast / slow:.1f}x | {plain:,} |")
-    print("\n| store | users | dim | batch | path | p50 ms | p99 ms | p50 / floor |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|")
+            floor = r["sqlite_write_engine_floor_users_per_s"]
+            print(f"| {r['vectors']} | {r['users']:,} | {r['dim']} | {slow:,} | {fast:,} | {fast / slow:.1f}x | "
+                  f"{plain:,} | {floor:,} | {fast / floor:.2f} |")  # fmt: skip
+    print("\n| store | vectors | users | dim | batch | path | p50 ms | p99 ms | p50 / floor |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for r in results:
         for size, row in r["latency"].items():
             for path, t in row.items():
-                print(f"| {r['store']} | {r['users']:,} | {r['dim']} | {size} | {path} | {t['p50_ms']:.2f} | "
-                      f"{t['p99_ms']:.2f} | {t['ratio_p50']} |")  # fmt: skip
+                print(f"| {r['store']} | {r['vectors']} | {r['users']:,} | {r['dim']} | {size} | {path} | "
+                      f"{t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['ratio_p50']} |")  # fmt: skip
 
 
 if __name__ == "__main__":
