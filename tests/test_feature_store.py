@@ -97,6 +97,14 @@ def sqlite_project(tmp_path) -> Project:
     return make_serving_project(tmp_path / "project")
 
 
+@pytest.fixture
+def redis_project(tmp_path, redis_url) -> Project:
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    return make_serving_project(tmp_path / "project", {"online_store": "redis", "redis_url": redis_url})
+
+
 def write_export(project: Project, version: str, seed: int, users: int = USERS) -> tuple[Path, list[str], np.ndarray]:
     vectors = np.random.default_rng(seed).standard_normal((users, DIM)).astype(np.float32)
     ids = [f"user-{i:04d}" for i in range(users)]
@@ -294,6 +302,39 @@ def test_the_bulk_writer_upserts_as_feasts_own_writer_does(store_project):
     got = store.get_online_features(features=[f"{view.name}:model_version"],
                                     entity_rows=[{"user_id": u} for u in users]).to_dict()  # fmt: skip
     assert got["model_version"] == ["v2-ü ' \x00", "v2-ü ' \x00", "v1", "ユーザー-v2", "ü-2", ""]
+
+
+def test_the_redis_writer_expires_keys_as_feast_does_and_stops_at_an_error_reply(redis_project):
+    """key_ttl_seconds: every hash expires as after Feast's writer. A reply refusing one key
+    (WRONGTYPE) fails the write, and the connection it used, replies unread, serves nothing stale."""
+    import redis
+
+    from userlens.online_store import FeastTable, table_for
+
+    at = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    table, store = slot_with_nulls(redis_project, at)
+    store.config.online_store.key_ttl_seconds = 3600
+    view = store.get_feature_view("user_embeddings_blue")
+    rows = encoded_columns(view, table, feature_sets.EMBEDDINGS)
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    feasts, fast = FeastTable(store, view), table_for(store, view)
+    expiring = []
+    for writer in (feasts, fast):
+        client.flushdb()
+        writer.write(rows, at)
+        expiring.append(sorted(key for key in client.keys("*") if 3500 < client.ttl(key) <= 3600))
+    assert len(expiring[0]) == 5 and expiring[1] == expiring[0]
+    feasts_rows = stored_rows(store, view)
+
+    client.flushdb()
+    first = fast.keys(rows.user_ids[:1])[0] + store.config.project.encode()
+    client.set(first, b"not a hash")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        fast.write(rows, at)
+    client.delete(first)
+    fast.write(rows, at)
+    assert stored_rows(store, view) == feasts_rows
+    assert fast.read(rows.user_ids, ["model_version"]) == feasts.read(rows.user_ids, ["model_version"])
 
 
 def test_sqlite_rows_are_written_in_the_order_of_their_stored_keys(sqlite_project):
