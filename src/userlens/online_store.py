@@ -265,20 +265,19 @@ class RedisTable(FeastTable):
 
 def _resp_hsets(keys: list[bytes], fields: dict[bytes, list[bytes]], ttl: int | None) -> bytes:
     """One HSET key field value .. per key (and EXPIRE key ttl) in Redis's wire protocol, RESP2:
-    what redis-py's pipeline sends, packed here without its per-argument encoding (2.5-3x faster)."""
+    what redis-py's pipeline sends, packed column by column here: redis-py's encoding of each
+    argument took most of the write's time."""
 
-    def bulk(arg: bytes) -> bytes:
-        return b"$%d\r\n%s\r\n" % (len(arg), arg)
+    def bulk(args: Sequence[bytes]) -> list[bytes]:
+        return [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
 
-    head = b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(fields))
-    names, columns = [bulk(name) for name in fields], list(fields.values())
-    expire = [b"*3\r\n$6\r\nEXPIRE\r\n", bulk(b"%d" % ttl)] if ttl else None
-    parts = []
-    for i, key in enumerate(keys):
-        key = bulk(key)
-        parts += (head, key)
-        for name, column in zip(names, columns, strict=True):
-            parts += (name, bulk(column[i]))
-        if expire:
-            parts += (expire[0], key, expire[1])
-    return b"".join(parts)
+    def same(arg: bytes) -> itertools.repeat:
+        return itertools.repeat(arg, len(keys))
+
+    keys = bulk(keys)
+    columns = [same(b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(fields))), keys]
+    for name, values in fields.items():
+        columns += (same(bulk([name])[0]), bulk(values))
+    if ttl:
+        columns += (same(b"*3\r\n$6\r\nEXPIRE\r\n"), keys, same(bulk([b"%d" % ttl])[0]))
+    return b"".join(itertools.chain.from_iterable(zip(*columns, strict=True)))
