@@ -271,13 +271,13 @@ def _resp_hsets(keys: list[bytes], fields: dict[bytes, list[bytes]], ttl: int | 
     def bulk(args: Sequence[bytes]) -> list[bytes]:
         return [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
 
-    def same(arg: bytes) -> itertools.repeat:
+    def same(arg: bytes) -> itertools.repeat:  # one argument for every key
         return itertools.repeat(arg, len(keys))
 
-    keys = bulk(keys)
-    columns = [same(b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(fields))), keys]
+    packed_keys = bulk(keys)
+    columns = [same(b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(fields))), packed_keys]
     for name, values in fields.items():
         columns += (same(bulk([name])[0]), bulk(values))
     if ttl:
-        columns += (same(b"*3\r\n$6\r\nEXPIRE\r\n"), keys, same(bulk([b"%d" % ttl])[0]))
+        columns += (same(b"*3\r\n$6\r\nEXPIRE\r\n"), packed_keys, same(bulk([b"%d" % ttl])[0]))
     return b"".join(itertools.chain.from_iterable(zip(*columns, strict=True)))
