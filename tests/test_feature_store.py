@@ -81,15 +81,18 @@ def make_serving_project(root: Path, serving: dict | None = None) -> Project:
     return Project(root)
 
 
+def redis_serving(url: str) -> dict:
+    """Serving settings for the module's redis-server, emptied first (one server per module)."""
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    return {"online_store": "redis", "redis_url": url}
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def store_project(request, tmp_path) -> Project:
-    if request.param == "redis":
-        import redis
-
-        url = request.getfixturevalue("redis_url")
-        redis.Redis.from_url(url).flushdb()  # one server per module: start each test empty
-        serving = {"online_store": "redis", "redis_url": url}
-    return make_serving_project(tmp_path / "project", serving if request.param == "redis" else None)
+    serving = redis_serving(request.getfixturevalue("redis_url")) if request.param == "redis" else None
+    return make_serving_project(tmp_path / "project", serving)
 
 
 @pytest.fixture
@@ -99,10 +102,7 @@ def sqlite_project(tmp_path) -> Project:
 
 @pytest.fixture
 def redis_project(tmp_path, redis_url) -> Project:
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
-    return make_serving_project(tmp_path / "project", {"online_store": "redis", "redis_url": redis_url})
+    return make_serving_project(tmp_path / "project", redis_serving(redis_url))
 
 
 def write_export(project: Project, version: str, seed: int, users: int = USERS) -> tuple[Path, list[str], np.ndarray]:
@@ -327,7 +327,7 @@ def test_the_redis_writer_expires_keys_as_feast_does_and_stops_at_an_error_reply
     feasts_rows = stored_rows(store, view)
 
     client.flushdb()
-    first = fast.keys(rows.user_ids[:1])[0] + store.config.project.encode()
+    first = fast.keys(rows.user_ids[:1])[0] + fast.project  # the user's hash, as the writer names it
     client.set(first, b"not a hash")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         fast.write(rows, at)

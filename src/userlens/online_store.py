@@ -5,8 +5,8 @@ reads every user's previous timestamp before one HSET per user (Redis); its `onl
 parses every stored ValueProto. Here the same bytes (feast_values.encoded_columns) go in with
 one statement per chunk doing Feast's upsert in sqlite itself (sqlite), or the HSETs Feast's
 `skip_dedup` path sends, packed per chunk into one write on the socket (Redis: a publish always
-writes the newest rows), and come back as the stored bytes, which feast_values decodes with numpy. The connections are
-Feast's own. A plain Feast client reads what this writes: tests compare the stored rows with
+writes the newest rows), and come back as the stored bytes, which feast_values decodes with
+numpy. The connections are Feast's own. A plain Feast client reads what this writes: tests compare the stored rows with
 Feast's writer's, byte for byte, and read them back through `get_online_features`.
 
 Other online stores, and sqlite tables with Feast's optional columns (vector search,
