@@ -28,11 +28,40 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import great_expectations.expectations as gxe
 import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-RATING_OR_NAN = "rating_or_nan"  # duckdb: rating with NaN for "no rating" (see Dialect.same_event)
+_SAME_EVENT = ("user_id", "item_id", "timestamp", "rating")  # all equal: one event
+
+
+class ExpectNoDuplicateEvents(gxe.UnexpectedRowsExpectation):
+    """No two interactions are one event (user_id, item_id, timestamp and rating equal): GX's
+    custom-SQL expectation, for the SQL engine. One GROUP BY finds the repeated events and a join
+    returns every copy. GX's ExpectCompoundColumnsToBeUnique decides the same but joins every row
+    back to its group's count, once per metric: 2-3x as long (benchmarks/data_pipeline.py).
+
+    GROUP BY puts null ratings (implicit feedback) in one group; the join matches them with
+    IS NOT DISTINCT FROM, since `=` never matches NULL to NULL. Its result reads as that of GX's
+    map expectations: the copies as unexpected_count, the first of them as partial_unexpected_list."""
+
+    unexpected_rows_query: str = (
+        f"SELECT {', '.join(f'events.{c}' for c in _SAME_EVENT)} FROM {{batch}} AS events "
+        f"JOIN (SELECT {', '.join(_SAME_EVENT)} FROM {{batch}} GROUP BY ALL HAVING count(*) > 1) AS copies "
+        f"ON {' AND '.join(f'events.{c} IS NOT DISTINCT FROM copies.{c}' for c in _SAME_EVENT)}"
+    )
+    description: str = "No exact duplicate events (same user_id, item_id, timestamp and rating)"
+
+    def _validate(self, metrics: dict, runtime_configuration: dict | None = None, execution_engine: Any = None) -> dict:
+        copies = metrics["unexpected_rows_query.row_count"]
+        result_format = self._get_result_format(runtime_configuration=runtime_configuration)
+        shown = result_format.get("partial_unexpected_count", 20) if isinstance(result_format, dict) else 20
+        partial = [dict(row) for row in metrics["unexpected_rows_query.table"][:shown]]
+        return {
+            "success": copies == 0,
+            "result": {"observed_value": copies, "unexpected_count": copies, "partial_unexpected_list": partial},
+        }
 
 
 @dataclass(frozen=True)
@@ -40,24 +69,22 @@ class Dialect:
     """What a suite must say differently on an engine.
 
     types: polars canonical dtype -> the type names the engine's GX type check accepts.
-    same_event: the columns whose equal values make two rows one event. GX's SQL uniqueness
-    check joins group counts back with `=`, which never matches NULL to NULL, so two copies
-    of an event without a rating would pass; on DuckDB it reads `rating_or_nan` instead
-    (DuckDB compares NaN equal to NaN, and a real NaN rating never reaches GX: conform makes
-    it null). pandas compares nulls as equal on its own.
+    duplicate_events: the GX expectation (class, arguments) that no event is repeated.
     """
 
     types: dict
-    same_event: tuple[str, ...]
+    duplicate_events: tuple[type, dict]
 
 
 DIALECTS = {
     # Float32 is widened to float64 for speed (see to_pandas), so a float column may read either.
+    # "never": a row with a null rating is still a row; pandas compares nulls as equal
     "pandas": Dialect({pl.String: ["str"], pl.Int64: ["int64"], pl.Float32: ["float32", "float64"]},
-                      ("user_id", "item_id", "timestamp", "rating")),
+                      (gxe.ExpectCompoundColumnsToBeUnique,
+                       {"column_list": list(_SAME_EVENT), "ignore_row_if": "never"})),
     # the SQLAlchemy types GX reflects from DuckDB's VARCHAR, BIGINT, FLOAT
     "duckdb": Dialect({pl.String: ["String"], pl.Int64: ["BigInteger"], pl.Float32: ["FLOAT"]},
-                      ("user_id", "item_id", "timestamp", RATING_OR_NAN)),
+                      (ExpectNoDuplicateEvents, {})),
 }  # fmt: skip
 
 # Arrow type -> pandas dtype for the frames GX sees (others keep pyarrow's numpy default).
@@ -106,9 +133,9 @@ class DuckdbEngine:
         try:
             duck = self.connection.driver_connection
             for table, frame in frames.items():
-                extra = f", COALESCE(rating, 'NaN'::FLOAT) AS {RATING_OR_NAN}" if "rating" in frame.columns else ""
                 duck.register("incoming", frame.to_arrow())  # DuckDB scans the Arrow buffers, no copy to pandas
-                duck.execute(f'CREATE TABLE "{table}" AS SELECT *{extra} FROM incoming')
+                # a table, not a view over the Arrow buffers: each query would convert the strings again
+                duck.execute(f'CREATE TABLE "{table}" AS SELECT * FROM incoming')
                 duck.unregister("incoming")
             self.source = context.data_sources.add_sql("userlens", connection_string=url)
         except BaseException:
