@@ -328,6 +328,8 @@ CORPUS = {
                                                    rating_scale=None), PARAMS),
     "several problems at once": (_tables(_duplicate(1, rating=7.0)(_set(0, user_id=None)(_clean_rows())),
                                          items=["i1", "i2", "i2"]), PARAMS),
+    "three copies of one event, two of another": (_tables(_duplicate(4)(_duplicate(4)(_duplicate(7)(_clean_rows())))),
+                                                   PARAMS),
     "over the drop budget": (_tables(_set(2, rating=9.0)(_set(1, rating=7.0)(_clean_rows()))),
                              DROP.model_copy(update={"max_drop_fraction": 0.1})),
     "short users fail": (_tables(_clean_rows()[:12]), PARAMS.model_copy(update={"short_users": "fail"})),
