@@ -33,7 +33,9 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-_SAME_EVENT = ("user_id", "item_id", "timestamp", "rating")  # all equal: one event
+from userlens.schema import INTERACTIONS_SCHEMA
+
+_SAME_EVENT = tuple(INTERACTIONS_SCHEMA)  # all four equal: one event
 
 
 class ExpectNoDuplicateEvents(gxe.UnexpectedRowsExpectation):
@@ -41,7 +43,7 @@ class ExpectNoDuplicateEvents(gxe.UnexpectedRowsExpectation):
     custom-SQL expectation, for the SQL engine. One GROUP BY returns each repeated event with its
     number of copies and, in every row, the copies of all of them. GX's
     ExpectCompoundColumnsToBeUnique decides the same but joins every row back to its group's
-    count, once per metric: 3x as long at 20M rows (benchmarks/data_pipeline.py). So this
+    count, once per metric: 2.4x as long at 20M rows (benchmarks/data_pipeline.py). So this
     expectation needs only GX's rows metric (the first rows of the query), not its row count (the
     same query counted again).
 
