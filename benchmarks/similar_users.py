@@ -75,10 +75,33 @@ def measure(name: str, ids: pa.Array, vectors: np.ndarray, queries: int, serving
             exact_scan(vectors, norms, vectors[row], RECALL_AT)
             scan_s.append(time.perf_counter() - started)
     index_ms, scan_ms = percentiles(index_s), percentiles(scan_s)
+    build_exact = build_exact_options(unit)
     return {"vectors": name, "users": n, "dim": int(vectors.shape[1]), **{k: manifest[k] for k in
             ("kind", "lists", "probes", "build_s")}, "build_recall_at_10": manifest["recall_at_10"],
             "recall_at_10": round(recall, 4), "index": index_ms, "exact_scan": scan_ms,
-            "speed_up_p50": round(scan_ms["p50_ms"] / index_ms["p50_ms"], 1)}  # fmt: skip
+            "speed_up_p50": round(scan_ms["p50_ms"] / index_ms["p50_ms"], 1), "exact_s": build_exact}  # fmt: skip
+
+
+def build_exact_options(unit: np.ndarray) -> dict:
+    """The exact top-k of the build's recall sample (RECALL_QUERIES users against all), as faiss
+    runs it by default (below its BLAS threshold: one query at a time) and as the build runs it
+    (vector_index._blas_distances: matrix products); the largest score difference between them."""
+    import faiss
+
+    from userlens.vector_index import RECALL_AT, RECALL_QUERIES, _blas_distances
+
+    rows = np.random.default_rng(QUERY_SEED).choice(len(unit), size=min(len(unit), RECALL_QUERIES), replace=False)
+    queries = unit[rows]
+    timings, scores = {}, {}
+    for name in ("one_query_at_a_time", "blas"):
+        began = time.perf_counter()
+        if name == "blas":
+            with _blas_distances(faiss):
+                scores[name], _ = faiss.knn(queries, unit, RECALL_AT + 1, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            scores[name], _ = faiss.knn(queries, unit, RECALL_AT + 1, metric=faiss.METRIC_INNER_PRODUCT)
+        timings[name] = round(time.perf_counter() - began, 3)
+    return {**timings, "max_score_difference": float(np.abs(scores["blas"] - scores["one_query_at_a_time"]).max())}
 
 
 def measure_hnsw(name: str, vectors: np.ndarray, queries: int, target: float, m: int = 32) -> dict:
@@ -157,6 +180,7 @@ def main() -> None:
     parser.add_argument("--gaussian-only", action="store_true", help="no trained set")
     parser.add_argument("--serving", type=int, default=100_000, help="end-to-end users (0: skip)")
     parser.add_argument("--hnsw", action="store_true", help="also faiss HNSW at the largest size, for comparison")
+    parser.add_argument("--out", default="similar_users", help="JSON name in benchmarks/out (default %(default)s)")
     args = parser.parse_args()
 
     from userlens.config import load_params
@@ -193,19 +217,20 @@ def main() -> None:
     result = {"machine": machine(), "similar_recall": serving.similar_recall, "rows": rows, "hnsw": hnsw,
               "end_to_end": e2e, "peak_rss_mib": round(peak_rss_mib())}  # fmt: skip
     OUT.mkdir(exist_ok=True)
-    (OUT / "similar_users.json").write_text(json.dumps(result, indent=2))
+    (OUT / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     print(f"Machine: {machine()}; index tuned to recall@10 {serving.similar_recall} at build\n")
     print(
         "| vectors | users | index | build s | recall@10 (build / other users) | index p50 / p99 ms | "
-        "exact scan p50 / p99 ms | p50 speed-up |"
+        "exact scan p50 / p99 ms | p50 speed-up | build's exact top-k s (one query at a time / BLAS) |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         kind = r["kind"] if r["kind"] == "flat" else f"IVF {r['lists']} lists, {r['probes']} probed"
         print(
             f"| {r['vectors']} | {r['users']:,} | {kind} | {r['build_s']:.1f} | {r['build_recall_at_10']:.3f} / "
             f"{r['recall_at_10']:.3f} | {r['index']['p50_ms']:.2f} / {r['index']['p99_ms']:.2f} | "
-            f"{r['exact_scan']['p50_ms']:.1f} / {r['exact_scan']['p99_ms']:.1f} | {r['speed_up_p50']:.0f}x |"
+            f"{r['exact_scan']['p50_ms']:.1f} / {r['exact_scan']['p99_ms']:.1f} | {r['speed_up_p50']:.0f}x | "
+            f"{r['exact_s']['one_query_at_a_time']:.2f} / {r['exact_s']['blas']:.2f} |"
         )
     if hnsw:
         print("\n| vectors | users | alternative index | build s | recall@10 | p50 / p99 ms |")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ciao_dir, make_project, set_params
+from conftest import ciao_dir, make_project, run, set_params
 from userlens import release, stages
 from userlens.cli import cli
 from userlens.project import Project
@@ -155,6 +156,21 @@ def test_sequences_refuse_a_quarantine_validation_did_not_write(shop):
     finally:
         path.write_bytes(original)
     assert result.exit_code == 2 and "not the quarantine that reports/validation.json recorded" in result.output
+
+
+def test_the_sequences_stage_does_not_load_great_expectations(shop):
+    """`dvc repro` runs every stage in its own process; the sequences stage reads validation's
+    record and quarantine, and must not pay GX's import (~4 s) to do so."""
+    project, _ = shop
+
+    def tables() -> dict[str, str]:  # the manifest holds the time it was written
+        return {k: v for k, v in digest(project / "data/sequences").items() if k.endswith(".parquet")}
+
+    before = tables()
+    done = run([sys.executable, "-X", "importtime", "-m", "userlens", "--project", str(project), "sequences"], project)
+    assert "userlens.stages" in done.stderr  # importtime reported the stage's imports
+    assert "great_expectations" not in done.stderr
+    assert tables() == before  # the same quarantine left out, the same sequences
 
 
 def test_interactions_only_input_runs_end_to_end(tmp_path):

@@ -101,3 +101,27 @@ def test_the_build_takes_the_fewest_probes_that_reach_the_target(target):
     exact, _ = faiss.knn(queries, unit, 11, metric=faiss.METRIC_INNER_PRODUCT)
     index.nprobe = probes - 1
     assert recall_at(index.search(queries, 11)[0], exact) < target
+
+
+def test_the_builds_exact_search_by_blas_finds_the_same_neighbours_and_restores_faiss():
+    """The build's exact top-k runs by matrix products (faiss's setting, process-wide, changed
+    only inside the block): same neighbours as faiss's default path, the setting back after,
+    also when the block raises."""
+    import faiss
+
+    from userlens.vector_index import _blas_distances
+
+    _, vectors = seeded(3000)
+    unit = unit_rows(vectors)
+    queries = unit[:64]
+    before = faiss.cvar.distance_compute_blas_threshold
+    default_scores, default_rows = faiss.knn(queries, unit, 11, metric=faiss.METRIC_INNER_PRODUCT)
+    with _blas_distances(faiss):
+        assert faiss.cvar.distance_compute_blas_threshold <= len(queries)
+        scores, rows = faiss.knn(queries, unit, 11, metric=faiss.METRIC_INNER_PRODUCT)
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    np.testing.assert_allclose(scores, default_scores, atol=1e-5)
+    assert (rows[:, 0] == np.arange(64)).all() and recall_at(scores, default_scores) == 1.0
+    with pytest.raises(RuntimeError), _blas_distances(faiss):
+        raise RuntimeError("interrupted")
+    assert faiss.cvar.distance_compute_blas_threshold == before

@@ -30,9 +30,10 @@ from userlens.io import (
     write_json_atomic,
 )
 from userlens.project import Project
-from userlens.schema import TABLES, CanonicalTables, outside_scale
+from userlens.schema import QUARANTINE_ROW, TABLES, CanonicalTables, outside_scale
 from userlens.sequences import dense_codes, split_sequences
 from userlens.sources import read_source, snapshot_source
+from userlens.validation_results import drop_counts
 from userlens.versioning import add_and_push, dvc_hash
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,6 @@ def validated_interactions(project: Project) -> tuple[pl.DataFrame, CanonicalTab
 
 def _without_quarantined(interactions: pl.DataFrame, quarantine: pl.DataFrame) -> pl.DataFrame:
     """The canonical interactions less the rows validation quarantined (by row number)."""
-    from userlens.validation import QUARANTINE_ROW
-
     keep = np.ones(interactions.height, dtype=bool)
     keep[quarantine[QUARANTINE_ROW].to_numpy()] = False
     return interactions.filter(pl.Series(keep))
@@ -295,8 +294,6 @@ def summary_markdown(project: Project, params: Params, stages: dict) -> str:
         lines.append(f"| validation | {'passed' if validation['success'] else 'FAILED'} |")
         lines.append(f"| Data Docs | `{project.relative(Path(docs)) if docs else 'n/a'}` |")
         if quarantine := validation.get("quarantine"):
-            from userlens.validation import drop_counts
-
             where = f"`{project.relative(Path(quarantine['file']))}`" if "file" in quarantine else "nothing written"
             lines.append(f"| quarantined interactions | {quarantine['rows']:,} ({drop_counts(quarantine)}): {where} |")
     if seq is not None:

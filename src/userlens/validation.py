@@ -88,14 +88,20 @@ from great_expectations.expectations.metadata_types import FailureSeverity
 from userlens import gx_engines
 from userlens.config import ValidationParams
 from userlens.io import atomic_dir, file_sha256
-from userlens.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, USERS_KEY_SCHEMA, CanonicalTables, outside_scale
+from userlens.schema import (
+    INTERACTIONS_SCHEMA,
+    ITEMS_SCHEMA,
+    QUARANTINE_ROW,
+    USERS_KEY_SCHEMA,
+    CanonicalTables,
+    outside_scale,
+)
 from userlens.validation_results import MAX_EXAMPLES, CheckResult, apply_repairs, check_result, drop_counts
 
 logger = logging.getLogger(__name__)
 
 MISSING_ITEM_COLUMN = "item_id_missing_from_items"
 QUARANTINE_COLUMN = "quarantined_by"  # the drop rules a row fails, comma-separated; null = kept
-QUARANTINE_ROW = "row"  # a quarantined row's number in the canonical interactions table
 # validation.repair key -> the check it repairs (a rule's rows are those that check rejects)
 REPAIRS = {
     "null_keys": "not_null",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def _tune(index, unit: np.ndarray, lists: int | None, target: float, rng) -> tup
         return 1, 1.0
     queries = unit[np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False))]
     k = min(RECALL_AT + 1, n)  # +1: the user itself comes back first
-    exact, rows = faiss.knn(queries, unit, k, metric=faiss.METRIC_INNER_PRODUCT)
+    with _blas_distances(faiss):
+        exact, rows = faiss.knn(queries, unit, k, metric=faiss.METRIC_INNER_PRODUCT)
     _, nearest_lists = index.quantizer.search(queries, lists)  # [query, every list, nearest first]
     rank = np.empty_like(nearest_lists)
     rank[np.arange(len(queries))[:, None], nearest_lists] = np.arange(lists)
@@ -106,6 +108,21 @@ def _tune(index, unit: np.ndarray, lists: int | None, target: float, rng) -> tup
         if measured >= target or probes >= lists:
             return probes, measured
         probes = min(lists, probes * 2)
+
+
+@contextmanager
+def _blas_distances(faiss):
+    """faiss's exact search computes distances by BLAS matrix products only from
+    `distance_compute_blas_threshold` queries on (128,000 in faiss 1.15), else one query at a
+    time: the 256 recall queries against 1M users take 1.8 s that way and 0.24 s by BLAS, same
+    scores within 3e-7 (benchmarks/similar_users.py, "exact_s"). A process-wide setting, restored
+    after; it changes how fast an exact search runs, not what it finds."""
+    before = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 1
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
 
 
 def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
