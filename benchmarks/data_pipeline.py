@@ -193,10 +193,11 @@ def worker_floor(project: Path, source: str) -> None:
 
 
 def worker_output_io(project: Path, source: str) -> None:
-    """The least Parquet I/O the stages' outputs cost, with polars' default writer, on the raw
+    """The least Parquet I/O the stages' outputs cost, with polars' writer, on the raw
     interactions: write them once (data/canonical), read them back twice (validate and
     sequences each load them in their own process), write the per-user lists (the floor's
-    grouping, as data/sequences holds them). What the stage design adds to the floor."""
+    grouping, as data/sequences holds them). What the stage design adds to the floor; with the
+    stages' codec (polars' default, zstd) and, as the options, lz4 and no compression."""
     import polars as pl
 
     if source == "movielens":
@@ -204,10 +205,20 @@ def worker_output_io(project: Path, source: str) -> None:
         return
     frame = pl.read_parquet(next((project / "data" / "raw").glob("*/interactions.parquet")))
     frame = frame.select("user_id", "item_id", "timestamp", "rating")
+    timings = output_io(pl, frame, project, "zstd")
+    options = {}
+    for codec in ("lz4", "uncompressed"):
+        other = output_io(pl, frame, project, codec)
+        options[codec] = {"output_io_s": sum(v for k, v in other.items() if k.endswith("_s")), **other}
+    sizes = {"zstd_files_mib": timings.pop("files_mib")}
+    emit({**timings, "output_io_s": sum(timings.values()), **sizes, "codecs": options})
+
+
+def output_io(pl, frame, project: Path, codec: str) -> dict:
     scratch = Path(tempfile.mkdtemp(dir=project))
     timings = {}
     began = time.perf_counter()
-    frame.write_parquet(scratch / "interactions.parquet")
+    frame.write_parquet(scratch / "interactions.parquet", compression=codec)
     timings["write_canonical_s"] = time.perf_counter() - began
     began = time.perf_counter()
     for _ in range(2):
@@ -219,10 +230,11 @@ def worker_output_io(project: Path, source: str) -> None:
         .agg(pl.col("item_id"), pl.col("timestamp"), pl.col("rating"))
     )
     began = time.perf_counter()
-    grouped.write_parquet(scratch / "sequences.parquet")
+    grouped.write_parquet(scratch / "sequences.parquet", compression=codec)
     timings["write_lists_s"] = time.perf_counter() - began
+    files_mib = sum(f.stat().st_size for f in scratch.iterdir()) / 2**20
     shutil.rmtree(scratch)
-    emit({**timings, "output_io_s": sum(timings.values())})
+    return {**timings, "files_mib": round(files_mib, 1)}
 
 
 def measure(name: str, data: dict, workdir: Path, rounds: int, breakdown: bool = False) -> list[dict]:
@@ -245,6 +257,12 @@ def measure(name: str, data: dict, workdir: Path, rounds: int, breakdown: bool =
             pipelines[engine].append(run("stages", engine))
     floor_s = median(f["floor_s"] for f in floors)
     output_io = {k: median(o[k] for o in outputs) for k in outputs[0] if k.endswith("_s")}
+    if "codecs" in outputs[0]:
+        output_io["codecs"] = {
+            codec: {k: median(o["codecs"][codec][k] for o in outputs) for k in values}
+            for codec, values in outputs[0]["codecs"].items()
+        }
+        output_io["zstd_files_mib"] = outputs[0]["zstd_files_mib"]
     rows = []
     for engine, runs in pipelines.items():
         stages = {k: median(r[k] for r in runs) for k in ("ingest_s", "validate_s", "sequences_s", "stages_s")}
@@ -330,6 +348,14 @@ def main() -> None:
                     "\nThe duplicate check otherwise, same table (s): "
                     + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}" for k, v in options.items())
                 )
+    for r in rows:
+        if r["engine"] == ENGINES[0] and (codecs := r["output_io"].get("codecs")):
+            io = r["output_io"]
+            print(
+                f"\n{r['dataset']}, the stage outputs' Parquet I/O (s; files MiB): zstd, the stages' codec, "
+                f"{io['output_io_s']:.2f} ({io['zstd_files_mib']:,.0f} MiB); "
+                + "; ".join(f"{c} {v['output_io_s']:.2f} ({v['files_mib']:,.0f} MiB)" for c, v in codecs.items())
+            )
     print(
         "\nSetup, not in the totals (s): "
         + ", ".join(
